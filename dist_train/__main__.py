@@ -1,0 +1,3 @@
+from dist_train.cli import main
+
+raise SystemExit(main())

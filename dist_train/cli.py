@@ -1,0 +1,68 @@
+"""Command line: `dist-train train|plot` (also `python -m dist_train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from dist_train.errors import TrainingError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dist-train", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train with a config file and key=value overrides")
+    t.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+
+    pl = sub.add_parser("plot", help="plot loss and raw vs clipped grad norm of a run")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="output PNG (default: RUN_DIR/plot.png)")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dist_train.config import load_config
+    from dist_train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from dist_train.plot import plot_run
+
+    out = plot_run(args.run_dir, args.out)
+    if out is None:
+        raise UsageError(f"'{args.run_dir}' has no logged step yet; nothing to plot")
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": _train, "plot": _plot}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, TrainingError) as e:
+        if debug:
+            raise
+        print(f"dist-train: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dist-train: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,96 @@
+"""Clip policies and the clipping arithmetic.
+
+A policy sees only the raw (pre-clip, global, unscaled) gradient norm and its
+own state, and returns a threshold. It holds no model tensors. The training
+step calls `threshold(raw)` every step and `observe(raw)` only on steps whose
+raw norm is finite, so a NaN/Inf never enters a policy's history (the bug that
+poisons adaptive clippers). `threshold` may return +inf ("do not clip"), which
+lets a future adaptive policy warm up on a history before it clips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from dist_train.config import ClipConfig
+
+
+class ClipPolicy:
+    """Interface. Subclasses override `threshold`, and `observe`/state when stateful."""
+
+    name: str = "base"
+    #: False when the policy can never return a finite threshold; the step then
+    #: skips the (no-op) scaling pass over the gradients.
+    clips: bool = True
+
+    def threshold(self, raw: torch.Tensor) -> torch.Tensor:
+        """Threshold for this step, a 0-dim tensor on raw's device. Must not change state."""
+        raise NotImplementedError
+
+    def observe(self, raw: torch.Tensor) -> None:
+        """Record a finite raw norm of a step that was taken."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"clip policy '{self.name}' has no state, got keys {sorted(state)}")
+
+
+class NoClip(ClipPolicy):
+    """Never clips: threshold +inf, so clip_coef is 1 and clipped == raw."""
+
+    name = "none"
+    clips = False
+
+    def threshold(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.full((), math.inf, dtype=raw.dtype, device=raw.device)
+
+
+class FixedClip(ClipPolicy):
+    """Clips the global norm to a constant `max_norm`."""
+
+    name = "fixed"
+
+    def __init__(self, max_norm: float):
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    def threshold(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.full((), self.max_norm, dtype=raw.dtype, device=raw.device)
+
+
+POLICIES: dict[str, Callable[[ClipConfig], ClipPolicy]] = {
+    "none": lambda cfg: NoClip(),
+    "fixed": lambda cfg: FixedClip(cfg.max_norm),
+}
+
+
+def build_policy(cfg: ClipConfig) -> ClipPolicy:
+    return POLICIES[cfg.policy](cfg)
+
+
+def clip_coefficient(raw: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
+    """min(1, threshold / (raw + eps)): the factor every gradient is multiplied by.
+
+    The same formula, eps included, as torch.nn.utils.clip_grad_norm_, so that our
+    clipped gradients equal its result bit for bit in fp32.
+    """
+    return torch.clamp(threshold / (raw + eps), max=1.0)
+
+
+def scale_grads_(grads: Iterable[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiply every gradient in place by `coef` (one fused pass per device/dtype)."""
+    grads = list(grads)
+    if not grads:
+        return
+    by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in by_device.items():
+        torch._foreach_mul_(group, coef.to(device))
