@@ -78,10 +78,12 @@ def build_policy(cfg: ClipConfig) -> ClipPolicy:
 def clip_coefficient(raw: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
     """min(1, threshold / (raw + eps)): the factor every gradient is multiplied by.
 
-    The same formula, eps included, as torch.nn.utils.clip_grad_norm_, so that our
-    clipped gradients equal its result bit for bit in fp32.
+    The same formula, eps and order of operations included, as
+    torch.nn.utils.clip_grad_norm_ (which evaluates `max_norm / t` as
+    `t.reciprocal() * max_norm`), so our clipped gradients equal its result bit
+    for bit in fp32.
     """
-    return torch.clamp(threshold / (raw + eps), max=1.0)
+    return torch.clamp((raw + eps).reciprocal() * threshold, max=1.0)
 
 
 def scale_grads_(grads: Iterable[torch.Tensor], coef: torch.Tensor) -> None:

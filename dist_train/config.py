@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -251,6 +252,10 @@ def resolve_factory(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"config key 'model.factory': '{spec}' is not of the form 'package.module:function'")
+    # Like other tools that import user code by path (uvicorn, gunicorn), look in
+    # the working directory too, so `dist-train` finds ./my_pkg as python -m would.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -1,0 +1,40 @@
+"""Small models and factories the tests plug in through public APIs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from dist_train.config import ModelConfig
+from dist_train.model import TinyGPT
+
+
+def random_mlp_lm(vocab: int = 16, d: int = 24, seed: int = 0) -> nn.Module:
+    """A tiny token model with several parameter shapes (embedding, linears, norm)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(vocab, d), nn.Linear(d, d), nn.Tanh(), nn.LayerNorm(d), nn.Linear(d, vocab))
+
+
+class NanAt(nn.Module):
+    """Wraps a model; forward calls whose index is in `nan_calls` return NaN logits."""
+
+    def __init__(self, inner: nn.Module, nan_calls: set[int]):
+        super().__init__()
+        self.inner = inner
+        self.nan_calls = nan_calls
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.calls in self.nan_calls:
+            out = out * float("nan")
+        self.calls += 1
+        return out
+
+
+def nan_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory for trainer tests: NaN at the 0-based forward calls listed in NAN_CALLS."""
+    calls = {int(c) for c in os.environ.get("NAN_CALLS", "").split(",") if c}
+    return NanAt(TinyGPT(cfg, vocab_size), calls)

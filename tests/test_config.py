@@ -1,0 +1,63 @@
+"""Config loading: strict keys, types and values; every shipped config loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dist_train.config import Config, Precision, load_config
+from dist_train.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_training_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(ROOT / "configs/debug.yaml", ["optim.lr=3e-4", "clip.max_norm=0.5", "train.precision=bf16"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.clip.max_norm == 0.5
+    assert cfg.train.precision is Precision.bf16
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.nope=1"], "unknown config key 'train.nope'"),
+        (["nope.x=1"], "unknown config key 'nope"),
+        (["train.max_steps=abc"], "'train.max_steps'"),
+        (["train.precision=fp8"], "'train.precision'"),
+        (["clip.max_norm=-1"], "'clip.max_norm': must be > 0"),
+        (["train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
+        (["train.global_batch_size=30", "train.grad_accum_steps=4"], "not divisible"),
+        (["clip.policy=zscore"], "unknown policy 'zscore'"),
+        (["data.text_file=/nonexistent/file.txt"], "'data.text_file': file"),
+        (["model.factory=nosuchpkg.mod:build"], "cannot import module 'nosuchpkg.mod'"),
+        (["model.factory=no_colon"], "not of the form"),
+        (["optim.lr"], "not of the form key=value"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/debug.yaml", overrides)
+    msg = str(e.value)
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'missing.yaml' not found"):
+        load_config("missing.yaml")
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_stepz'"):
+        load_config(p)
