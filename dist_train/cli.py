@@ -30,12 +30,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dist_train.amp import pick_device
     from dist_train.config import load_config
+    from dist_train.distributed import DistState
     from dist_train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    state = DistState.from_env()
+    device = pick_device(cfg.train.device, state.local_rank)
+    with state.session(device, cfg.dist.backend.value, cfg.dist.timeout_s):
+        run_dir = train(cfg, state, device)
+    if state.is_main:
+        print(f"run directory: {run_dir}", file=sys.stderr)
     return 0
 
 

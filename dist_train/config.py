@@ -47,6 +47,12 @@ class Progress(str, enum.Enum):
     plain = "plain"
 
 
+class Backend(str, enum.Enum):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
 class Schedule(str, enum.Enum):
     constant = "constant"
     cosine = "cosine"
@@ -143,6 +149,16 @@ class DataConfig:
 
 
 @dataclass
+class DistConfig:
+    backend: Backend = Backend.auto
+    """Process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    timeout_s: float = 300.0
+    """Limit for joining the process group and for any one collective, in seconds."""
+    check_sync_every: int = 0
+    """Every N optimizer steps, check that parameters are identical on all ranks (0: never)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -151,6 +167,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -245,6 +262,8 @@ def validate(cfg: Config) -> None:
 
         _require(torch.cuda.is_available(), "train.device", "cuda requested but no CUDA device is available; use auto or cpu")
     _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
+    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
+    _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
 
 
 def resolve_factory(spec: str):

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from dist_train import config as C
+from dist_train import ddp
 from dist_train.amp import build_amp, pick_device
 from dist_train.clip import ClipPolicy, build_policy
 from dist_train.data import GlobalBatches, TokenDataset, build_dataset, split_for_rank
@@ -58,7 +59,18 @@ class Setup:
     grad_sync: GradSync
 
 
-def build(cfg: C.Config, dist: Optional[DistState] = None, device: Optional[torch.device] = None) -> Setup:
+def build(
+    cfg: C.Config,
+    dist: Optional[DistState] = None,
+    device: Optional[torch.device] = None,
+    sync_grads: bool = True,
+) -> Setup:
+    """Build model, data, optimizer, policy and precision for this rank.
+
+    `sync_grads=False` leaves a distributed model unwrapped, so gradients are never
+    averaged: only `dist-train verify --inject unsynced-grads` uses it, to show the
+    verifier catches that.
+    """
     dist = dist or DistState()
     device = device or pick_device(cfg.train.device, dist.local_rank)
     t = cfg.train
@@ -71,6 +83,11 @@ def build(cfg: C.Config, dist: Optional[DistState] = None, device: Optional[torc
     batches = GlobalBatches(len(dataset), t.global_batch_size, t.seed)
     torch.manual_seed(t.seed)  # the same initial weights on every rank and every world size
     model = build_model(cfg.model, dataset.vocab_size).to(device)
+    grad_sync: GradSync = LocalGradSync()
+    if dist.distributed and sync_grads:
+        model = ddp.wrap(model, device)
+        grad_sync = ddp.DDPGradSync()
+    torch.manual_seed(t.seed + dist.rank)  # per-rank randomness (dropout) from here on
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
@@ -87,7 +104,7 @@ def build(cfg: C.Config, dist: Optional[DistState] = None, device: Optional[torc
         scheduler=scheduler,
         policy=build_policy(cfg.clip),
         amp=build_amp(t.precision, device),
-        grad_sync=LocalGradSync(),
+        grad_sync=grad_sync,
     )
 
 
@@ -123,7 +140,7 @@ def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None
     state = {
         "step": step,
         "skipped_steps": skipped_total,
-        "model": s.model.state_dict(),
+        "model": ddp.unwrap(s.model).state_dict(),
         "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict(),
         "clip_policy": {"name": s.policy.name, "state": s.policy.state_dict()},
@@ -192,6 +209,8 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter) -> dict[str, An
         if m.skipped:
             progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
         progress.step(record)
+        if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
+            ddp.check_replicas(s.model, s.dist, n)
         if consecutive >= cfg.clip.max_consecutive_nonfinite:
             raise TrainingError(
                 f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
@@ -201,13 +220,15 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter) -> dict[str, An
     return last
 
 
-def train(cfg: C.Config, dist: Optional[DistState] = None) -> Path:
-    """Build everything, then create the run directory, train, log, plot, checkpoint."""
-    s = build(cfg, dist)
+def train(cfg: C.Config, dist: Optional[DistState] = None, device: Optional[torch.device] = None) -> Path:
+    """Build everything, then create the run directory, train, log, plot, checkpoint.
+
+    Rank 0 alone writes metrics, W&B, the plot and the checkpoint.
+    """
+    s = build(cfg, dist, device)
     run_dir = Path(cfg.run.out_dir)
     sinks: list[Sink] = []
-    if s.dist.is_main:
-        run_dir = prepare_run_dir(cfg)
+    s.dist.on_main(lambda: prepare_run_dir(cfg))  # an error here stops every rank
     progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=s.dist.is_main)
     try:
         if s.dist.is_main:
