@@ -1,4 +1,4 @@
-"""Command line: `dist-train train|plot` (also `python -m dist_train`)."""
+"""Command line: `dist-train train|verify|plot` (also `python -m dist_train`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
 
+    v = sub.add_parser("verify", help="check distributed training against a single-process reference")
+    v.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    v.add_argument("--steps", type=int, default=10, help="optimizer steps to compare (default 10)")
+    v.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of norms and loss (default 1e-4)")
+    v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of parameters (default 1e-5)")
+    v.add_argument("--inject", choices=["unsynced-grads"],
+                   help="deliberately break training to see verify fail (self-test)")
+    v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+
     pl = sub.add_parser("plot", help="plot loss and raw vs clipped grad norm of a run")
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/plot.png)")
@@ -45,6 +54,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from dist_train.amp import pick_device
+    from dist_train.config import load_config
+    from dist_train.distributed import DistState
+    from dist_train.verify import verify
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not (args.rtol >= 0 and args.atol >= 0):
+        raise UsageError("--rtol and --atol must be >= 0")
+    cfg = load_config(args.config, args.overrides)
+    state = DistState.from_env()
+    device = pick_device(cfg.train.device, state.local_rank)
+    with state.session(device, cfg.dist.backend.value, cfg.dist.timeout_s):
+        ok = verify(cfg, state, device, args.steps, args.rtol, args.atol, args.inject)
+    return 0 if ok else 1
+
+
 def _plot(args: argparse.Namespace) -> int:
     from dist_train.plot import plot_run
 
@@ -55,7 +82,7 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "plot": _plot}
+COMMANDS = {"train": _train, "verify": _verify, "plot": _plot}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -119,6 +119,9 @@ class DistState:
         self._active = True
         try:
             yield self
+            # Leave together: a rank that tears down its connections while another
+            # still works (rank 0 writing the plot) can make gloo abort the process.
+            dist.barrier()
         finally:
             self._active = False
             dist.destroy_process_group()

@@ -38,3 +38,23 @@ def nan_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """model.factory for trainer tests: NaN at the 0-based forward calls listed in NAN_CALLS."""
     calls = {int(c) for c in os.environ.get("NAN_CALLS", "").split(",") if c}
     return NanAt(TinyGPT(cfg, vocab_size), calls)
+
+
+def fail_on_rank1(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory: rank 1's 4th forward call raises (one rank failing mid-run)."""
+    rank = int(os.environ.get("RANK", "0"))
+    return RaiseAt(TinyGPT(cfg, vocab_size), at_call=3 if rank == 1 else -1)
+
+
+class RaiseAt(nn.Module):
+    def __init__(self, inner: nn.Module, at_call: int):
+        super().__init__()
+        self.inner = inner
+        self.at_call = at_call
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.at_call:
+            raise RuntimeError("planted failure on this rank")
+        self.calls += 1
+        return self.inner(x)
