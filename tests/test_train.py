@@ -8,11 +8,13 @@ import shlex
 
 import pytest
 import torch
+import yaml
 
 from dist_train.cli import main
 from dist_train.data import GlobalBatches, split_for_rank
 from dist_train.metrics import read_jsonl
 from tests.conftest import ROOT, cli
+from tests.wandb_reader import config as wandb_config
 from tests.wandb_reader import history
 
 DEBUG = str(ROOT / "configs/debug.yaml")
@@ -55,6 +57,11 @@ def test_readme_first_command_writes_metrics_wandb_run_and_plot(tmp_path):
         assert r["grad_norm/clipped"] <= r["grad_norm/threshold"] * (1 + 1e-5)
         assert r["grad_norm/clipped"] == pytest.approx(r["grad_norm/raw"] * r["grad_norm/clip_coef"], rel=1e-6)
     assert_wandb_matches_jsonl(run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    sent = wandb_config(run)
+    for section in ("train", "clip", "optim", "model"):
+        assert sent[section] == saved[section], section  # the resolved config, as saved, reached W&B
+    assert saved["train"]["max_steps"] == 12
     assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "config.yaml").is_file() and (run / "checkpoint.pt").is_file()
     assert "step 12/12" in p.stderr  # plain log lines when not on a terminal

@@ -63,3 +63,15 @@ def history(run_dir: Path) -> list[dict]:
             row[key] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def config(run_dir: Path) -> dict:
+    """The run config as W&B stored it (top-level keys)."""
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    out = {}
+    for rec in records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
+        for item in updates:
+            out[item.key] = json.loads(item.value_json)
+    return out

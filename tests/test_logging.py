@@ -1,0 +1,79 @@
+"""Progress output and W&B mode resolution (pure, no processes)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from dist_train.config import Progress, WandbMode
+from dist_train.progress import ProgressReporter
+from dist_train.wandb_sink import api_key_configured, resolve_mode
+
+RECORD = {"step": 10, "train/loss": 1.5, "grad_norm/raw": 2.0, "grad_norm/clipped": 1.0, "optim/skipped_steps": 0}
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_plain_lines_when_not_a_terminal():
+    s = Stream(tty=False)
+    p = ProgressReporter(Progress.auto, total=20, stream=s)
+    p.step(None)
+    p.step(RECORD)
+    p.close()
+    assert s.getvalue() == "step 10/20 loss 1.5 raw 2 clipped 1 skipped 0\n"
+
+
+def test_progress_bar_on_a_terminal():
+    s = Stream(tty=True)
+    p = ProgressReporter(Progress.auto, total=20, stream=s)
+    assert p.bar is not None
+    p.step(RECORD)
+    p.close()
+    assert "1/20" in s.getvalue() and "\r" in s.getvalue()
+
+
+def test_only_rank_zero_reports():
+    s = Stream(tty=False)
+    p = ProgressReporter(Progress.plain, total=20, enabled=False, stream=s)
+    p.step(RECORD)
+    p.message("hello")
+    assert s.getvalue() == ""
+
+
+@pytest.fixture
+def clean_home(tmp_path, monkeypatch):
+    for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_wandb_offline_without_a_key(clean_home):
+    assert not api_key_configured()
+    assert resolve_mode(WandbMode.auto) == "offline"
+
+
+def test_wandb_online_with_a_key_in_the_environment(clean_home, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode(WandbMode.auto) == "online"
+
+
+def test_wandb_online_with_a_key_in_netrc(clean_home):
+    netrc = clean_home / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert resolve_mode(WandbMode.auto) == "online"
+
+
+@pytest.mark.parametrize("mode", [WandbMode.offline, WandbMode.online, WandbMode.disabled])
+def test_explicit_wandb_mode_wins(clean_home, monkeypatch, mode):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode(mode) == mode.value
