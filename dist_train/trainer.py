@@ -21,7 +21,7 @@ from dist_train.errors import TrainingError, UsageError
 from dist_train.metrics import JsonlSink, Sink, Window, make_record
 from dist_train.model import build_model
 from dist_train.progress import ProgressReporter
-from dist_train.step import Amp, GradSync, LocalGradSync, train_step
+from dist_train.step import Amp, GradSync, LocalGradSync, StepMetrics, train_step
 
 #: Files a run writes into its run directory.
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoint.pt", "plot.png", "wandb")
@@ -119,6 +119,15 @@ def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
     return out
 
 
+def optimizer_step(s: Setup, step: int) -> StepMetrics:
+    """Optimizer step `step` (0-based) of a built setup: the training step, then the LR schedule."""
+    m = train_step(
+        s.model, s.optimizer, micro_batches(s, step), s.policy, amp=s.amp, grad_sync=s.grad_sync, eps=s.cfg.clip.eps
+    )
+    s.scheduler.step()
+    return m
+
+
 def prepare_run_dir(cfg: C.Config) -> Path:
     """Create the run directory; refuse to clobber an earlier run unless run.overwrite."""
     run_dir = Path(cfg.run.out_dir)
@@ -172,16 +181,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter) -> dict[str, An
     s.model.train()
     for step in range(t.max_steps):
         lr = s.optimizer.param_groups[0]["lr"]
-        m = train_step(
-            s.model,
-            s.optimizer,
-            micro_batches(s, step),
-            s.policy,
-            amp=s.amp,
-            grad_sync=s.grad_sync,
-            eps=cfg.clip.eps,
-        )
-        s.scheduler.step()
+        m = optimizer_step(s, step)
         window.add(m, t.global_batch_size)
         if m.skipped:
             skipped_total += 1

@@ -21,8 +21,7 @@ import torch
 from dist_train import config as C
 from dist_train import ddp
 from dist_train.distributed import DistState
-from dist_train.step import StepMetrics, train_step
-from dist_train.trainer import Setup, build, micro_batches
+from dist_train.trainer import build, optimizer_step
 
 INJECTIONS = ("unsynced-grads",)
 
@@ -50,14 +49,6 @@ def _flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in ddp.unwrap(model).parameters()])
 
 
-def _step(s: Setup, step: int) -> StepMetrics:
-    m = train_step(
-        s.model, s.optimizer, micro_batches(s, step), s.policy, amp=s.amp, grad_sync=s.grad_sync, eps=s.cfg.clip.eps
-    )
-    s.scheduler.step()
-    return m
-
-
 def verify(
     cfg: C.Config,
     dist: DistState,
@@ -76,7 +67,7 @@ def verify(
     dist_metrics = []
     dist_params = []
     for step in range(steps):
-        m = _step(s, step)
+        m = optimizer_step(s, step)
         lo, hi = dist.min_max(m.grad_norm_raw.detach().float())
         dist_metrics.append((m, dist.mean(m.loss), (hi - lo).item()))
         if dist.is_main:
@@ -93,7 +84,7 @@ def verify(
         ref.model.train()
         rows = []
         for step in range(steps):
-            r = _step(ref, step)
+            r = optimizer_step(ref, step)
             m, loss, spread = dist_metrics[step]
             diff = (dist_params[step] - _flat_params(ref.model).cpu()).abs().max().item()
             rows.append(

@@ -17,8 +17,7 @@ from dist_train.ddp import check_replicas, unwrap
 from dist_train.distributed import DistState
 from dist_train.errors import TrainingError, UsageError
 from dist_train.metrics import read_jsonl
-from dist_train.step import train_step
-from dist_train.trainer import build, micro_batches
+from dist_train.trainer import build, micro_batches, optimizer_step
 from tests.conftest import ROOT
 from tests.dist_utils import free_port, spawn
 
@@ -41,8 +40,7 @@ def _reference(accum: int, world_size: int):
     s = build(_cfg(accum * world_size))
     raws, params = [], []
     for step in range(STEPS):
-        m = train_step(s.model, s.optimizer, micro_batches(s, step), s.policy)
-        s.scheduler.step()
+        m = optimizer_step(s, step)
         raws.append(m.grad_norm_raw.item())
         params.append(_flat(s.model))
     return raws, params
@@ -64,8 +62,7 @@ def _ddp_run(accum: int):
     raws, params = [], []
     for step in range(STEPS):
         calls.append(0)
-        m = train_step(s.model, s.optimizer, micro_batches(s, step), s.policy, grad_sync=s.grad_sync)
-        s.scheduler.step()
+        m = optimizer_step(s, step)
         raws.append(m.grad_norm_raw.item())
         params.append(_flat(s.model))
     return raws, params, calls
@@ -223,7 +220,8 @@ def assert_same_trajectory(rows, ref):
 
 
 def test_one_node_two_processes_match_single_process(tmp_path):
-    p = subprocess.run(["bash", "launch/torchrun.sh", f"run.out_dir={tmp_path / 'two'}", *FAST], cwd=ROOT,
+    p = subprocess.run(["bash", "launch/torchrun.sh", f"run.out_dir={tmp_path / 'two'}", "dist.check_sync_every=3",
+                        *FAST], cwd=ROOT,
                        env=_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_same_trajectory(read_jsonl(tmp_path / "two/metrics.jsonl"), _single_process_metrics(tmp_path))

@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dist_train.clip import ClipPolicy, FixedClip, NoClip
+from dist_train.clip import FixedClip, NoClip
 from dist_train.step import Amp, lm_loss, train_step
 from tests.helpers import NanAt, random_mlp_lm
 
