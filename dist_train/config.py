@@ -257,10 +257,17 @@ def validate(cfg: Config) -> None:
     else:
         _require(d.vocab_size >= 8, "data.vocab_size", f"must be >= 8, got {d.vocab_size}")
         _require(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
-    if t.device == Device.cuda:
-        import torch
+    import torch
 
-        _require(torch.cuda.is_available(), "train.device", "cuda requested but no CUDA device is available; use auto or cpu")
+    cuda = torch.cuda.is_available()
+    if t.device == Device.cuda:
+        _require(cuda, "train.device", "cuda requested but no CUDA device is available; use auto or cpu")
+    if cfg.dist.backend == Backend.nccl:
+        _require(
+            cuda and t.device != Device.cpu,
+            "dist.backend",
+            "nccl needs CUDA devices, and this run trains on the CPU; use auto or gloo",
+        )
     _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
     _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")

@@ -98,8 +98,6 @@ class DistState:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.backend = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
-        if self.backend == "nccl" and device.type != "cuda":
-            raise UsageError("config key 'dist.backend': nccl needs CUDA devices; use auto or gloo on CPU")
         addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         try:
             dist.init_process_group(

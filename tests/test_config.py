@@ -41,6 +41,8 @@ def test_overrides_apply_with_types():
         (["model.factory=nosuchpkg.mod:build"], "cannot import module 'nosuchpkg.mod'"),
         (["model.factory=no_colon"], "not of the form"),
         (["optim.lr"], "not of the form key=value"),
+        (["dist.backend=nccl", "train.device=cpu"], "'dist.backend': nccl needs CUDA devices"),
+        (["dist.timeout_s=0"], "'dist.timeout_s': must be > 0"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragment):

@@ -103,6 +103,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, no_wand
         (["train", "-c", DEBUG, "data.text_file=missing.txt"], "'data.text_file': file 'missing.txt' not found"),
         (["train", "--nope"], "unrecognized arguments: --nope"),
         (["plot", "missing_run"], "has no metrics.jsonl"),
+        (["verify", "-c", DEBUG, "--steps", "0"], "--steps must be >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, fragment):
