@@ -237,6 +237,20 @@ def test_two_simulated_nodes_with_c10d_rendezvous_match_single_process(tmp_path)
     assert_same_trajectory(read_jsonl(tmp_path / "nodes/metrics.jsonl"), _single_process_metrics(tmp_path))
 
 
+def test_launch_script_two_nodes_with_fixed_node_ranks_match_single_process(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(["bash", "launch/torchrun.sh", f"run.out_dir={tmp_path / 'nodes'}", *FAST], cwd=ROOT,
+                         env=_env(NNODES="2", NODE_RANK=str(i), NPROC_PER_NODE="1", RDZV_ENDPOINT=endpoint,
+                                  RDZV_TIMEOUT="60"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    assert_same_trajectory(read_jsonl(tmp_path / "nodes/metrics.jsonl"), _single_process_metrics(tmp_path))
+
+
 def test_verify_passes_and_catches_unsynchronised_gradients():
     ok = subprocess.run(["bash", "launch/torchrun.sh", "--steps", "4"], cwd=ROOT,
                         env=_env(NPROC_PER_NODE="2", COMMAND="verify"), capture_output=True, text=True, timeout=300)
@@ -270,3 +284,14 @@ def test_one_rank_raising_ends_the_whole_job_promptly(tmp_path):
     assert p.returncode != 0
     assert "planted failure on this rank" in out
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize(
+    "env, fragment",
+    [({"NNODES": "2"}, "NNODES=2 needs RDZV_ENDPOINT"), ({"COMMAND": "evaluate"}, "COMMAND must be train or verify")],
+)
+def test_launch_script_rejects_bad_settings(env, fragment):
+    p = subprocess.run(["bash", "launch/torchrun.sh"], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and fragment in p.stderr
