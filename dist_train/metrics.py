@@ -76,7 +76,7 @@ def make_record(
 
 class Sink(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class JsonlSink:
@@ -90,7 +90,7 @@ class JsonlSink:
         self._f.write(json.dumps(record, allow_nan=False) + "\n")
         self._f.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._f.close()
 
 

@@ -230,16 +230,18 @@ def train(cfg: C.Config, dist: Optional[DistState] = None, device: Optional[torc
     sinks: list[Sink] = []
     s.dist.on_main(lambda: prepare_run_dir(cfg))  # an error here stops every rank
     progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=s.dist.is_main)
+    failed = True
     try:
         if s.dist.is_main:
             sinks = open_sinks(cfg, run_dir)
         last = run(s, sinks, progress)
         if s.dist.is_main and cfg.train.checkpoint:
             save_checkpoint(s, run_dir / "checkpoint.pt", cfg.train.max_steps, last.get("optim/skipped_steps", 0))
+        failed = False
     finally:
         progress.close()
         for sink in sinks:
-            sink.close()
+            sink.close(failed)
         if s.dist.is_main and (run_dir / "metrics.jsonl").exists():
             from dist_train.plot import plot_run
 

@@ -52,5 +52,5 @@ class WandbSink:
         data = {k: v for k, v in record.items() if k != "step"}
         self.run.log(data, step=record["step"])
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # a stopped run shows as failed in W&B

@@ -14,6 +14,7 @@ from dist_train.data import GlobalBatches, split_for_rank
 from dist_train.metrics import read_jsonl
 from tests.conftest import ROOT, cli
 from tests.wandb_reader import config as wandb_config
+from tests.wandb_reader import exit_code as wandb_exit_code
 from tests.wandb_reader import history
 
 DEBUG = str(ROOT / "configs/debug.yaml")
@@ -77,13 +78,14 @@ def test_planted_nan_is_skipped_logged_and_training_continues(tmp_path, monkeypa
     assert rows[12]["optim/skipped_steps"] == 1 and rows[12]["optim/step_skipped"] == 0
     assert math.isfinite(rows[12]["grad_norm/raw"])
     assert_wandb_matches_jsonl(run)  # nulls included
+    assert wandb_exit_code(run) == 0
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, no_wandb_env, capsys):
     monkeypatch.setenv("NAN_CALLS", "2,3,4")
     run = tmp_path / "run"
     rc = main(["train", "-c", DEBUG, f"run.out_dir={run}", *FAST, "model.factory=tests.helpers:nan_gpt",
-               "clip.max_consecutive_nonfinite=3", "logging.wandb.mode=disabled"])
+               "clip.max_consecutive_nonfinite=3", "logging.wandb.mode=offline"])
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dist-train: error: training stopped at step 5: 3 consecutive optimizer steps")
@@ -91,6 +93,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, no_wand
     assert [r["step"] for r in rows] == [3, 4, 5]  # every skipped step is logged; nothing is lost
     assert rows[-1]["optim/skipped_steps"] == 3
     assert not (run / "checkpoint.pt").exists()
+    assert_wandb_matches_jsonl(run)
+    assert wandb_exit_code(run) == 1  # the stopped run is marked failed in W&B
 
 
 @pytest.mark.parametrize(

@@ -75,3 +75,10 @@ def config(run_dir: Path) -> dict:
         for item in updates:
             out[item.key] = json.loads(item.value_json)
     return out
+
+
+def exit_code(run_dir: Path):
+    """The exit code the run reported to W&B at finish (None if it never finished)."""
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    codes = [rec.exit.exit_code for rec in records(files[0]) if rec.WhichOneof("record_type") == "exit"]
+    return codes[-1] if codes else None
