@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Optional, Sequence
 
 from dist_train.errors import TrainingError, UsageError
+
+
+INJECTIONS = ("unsynced-grads",)  # faults `verify --inject` can plant (dist_train.verify)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=10, help="optimizer steps to compare (default 10)")
     v.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of norms and loss (default 1e-4)")
     v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of parameters (default 1e-5)")
-    v.add_argument("--inject", choices=["unsynced-grads"],
+    v.add_argument("--inject", choices=INJECTIONS,
                    help="deliberately break training to see verify fail (self-test)")
     v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
 
@@ -38,16 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _distributed(cfg):
+    """Rank, device and process group from the launcher environment, for one command."""
     from dist_train.amp import pick_device
-    from dist_train.config import load_config
     from dist_train.distributed import DistState
-    from dist_train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
     state = DistState.from_env()
     device = pick_device(cfg.train.device, state.local_rank)
     with state.session(device, cfg.dist.backend.value, cfg.dist.timeout_s):
+        yield state, device
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dist_train.config import load_config
+    from dist_train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    with _distributed(cfg) as (state, device):
         run_dir = train(cfg, state, device)
     if state.is_main:
         print(f"run directory: {run_dir}", file=sys.stderr)
@@ -55,9 +67,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dist_train.amp import pick_device
     from dist_train.config import load_config
-    from dist_train.distributed import DistState
     from dist_train.verify import verify
 
     if args.steps < 1:
@@ -65,9 +75,7 @@ def _verify(args: argparse.Namespace) -> int:
     if not (args.rtol >= 0 and args.atol >= 0):
         raise UsageError("--rtol and --atol must be >= 0")
     cfg = load_config(args.config, args.overrides)
-    state = DistState.from_env()
-    device = pick_device(cfg.train.device, state.local_rank)
-    with state.session(device, cfg.dist.backend.value, cfg.dist.timeout_s):
+    with _distributed(cfg) as (state, device):
         ok = verify(cfg, state, device, args.steps, args.rtol, args.atol, args.inject)
     return 0 if ok else 1
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dist_train.errors import ConfigError
@@ -299,6 +299,3 @@ def to_yaml(cfg: Config) -> str:
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
-
-def as_dictconfig(cfg: Config) -> DictConfig:
-    return OmegaConf.structured(cfg)

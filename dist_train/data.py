@@ -94,9 +94,6 @@ class GlobalBatches:
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.global_batch_size  # the last partial batch is dropped
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def indices(self, step: int) -> torch.Tensor:
         """Sample indices of the global batch of `step` (0-based), in order."""
         epoch, k = divmod(step, self.steps_per_epoch)

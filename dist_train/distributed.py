@@ -23,17 +23,13 @@ from dist_train.errors import TrainingError, UsageError
 
 T = TypeVar("T")
 
+#: torch.distributed's env:// variables, as DistState fields.
+TORCH_ENV = {"rank": "RANK", "local_rank": "LOCAL_RANK", "world_size": "WORLD_SIZE", "local_world_size": "LOCAL_WORLD_SIZE"}
 #: Launcher -> (variable that identifies it, {field: variable}). First match wins.
 LAUNCHERS: dict[str, tuple[str, dict[str, str]]] = {
-    "torchrun": (
-        "TORCHELASTIC_RUN_ID",
-        {"rank": "RANK", "local_rank": "LOCAL_RANK", "world_size": "WORLD_SIZE", "local_world_size": "LOCAL_WORLD_SIZE"},
-    ),
-    # Any launcher that exports the torch.distributed env:// variables (accelerate, deepspeed, mpirun wrappers).
-    "env": (
-        "RANK",
-        {"rank": "RANK", "local_rank": "LOCAL_RANK", "world_size": "WORLD_SIZE", "local_world_size": "LOCAL_WORLD_SIZE"},
-    ),
+    "torchrun": ("TORCHELASTIC_RUN_ID", TORCH_ENV),
+    # Any launcher that exports the env:// variables (accelerate, deepspeed, mpirun wrappers).
+    "env": ("RANK", TORCH_ENV),
 }
 #: Variables torch's env:// rendezvous needs when world_size > 1.
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
@@ -140,17 +136,6 @@ class DistState:
         both = torch.stack([t, -t])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         return -both[1], both[0]
-
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        if not self._active:
-            return [t]
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t.contiguous())
-        return out
-
-    def barrier(self) -> None:
-        if self._active:
-            dist.barrier()
 
     def on_main(self, fn: Callable[[], T]) -> Optional[T]:
         """Run `fn` on rank 0 only; if it raises a UsageError, raise it on every rank.

@@ -139,13 +139,13 @@ def train_step(
     # leave parameters, optimizer moments and the policy's history untouched.
     skipped = not bool(torch.isfinite(raw))
     if not skipped:
-        if scaler is not None:
-            scaler.step(optimizer)  # unscale_ was already called; it will not unscale twice
-        else:
-            optimizer.step()
+        # Not scaler.step(): it would read the same answer back from the device a
+        # second time (its found_inf). A finite raw norm means every gradient is
+        # finite, which is exactly its condition for stepping.
+        optimizer.step()
         policy.observe(raw)
     if scaler is not None:
-        scaler.update()  # on an overflow this lowers the scale for the next step
+        scaler.update()  # reads unscale_'s found_inf: lowers the scale after an overflow
     optimizer.zero_grad(set_to_none=True)
 
     return StepMetrics(

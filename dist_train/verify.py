@@ -23,8 +23,6 @@ from dist_train import ddp
 from dist_train.distributed import DistState
 from dist_train.trainer import build, optimizer_step
 
-INJECTIONS = ("unsynced-grads",)
-
 
 @dataclass
 class Row:

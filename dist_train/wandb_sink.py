@@ -5,7 +5,7 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 from dist_train.config import WandbConfig, WandbMode
@@ -43,10 +43,6 @@ class WandbSink:
             mode=self.mode,
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
-
-    @property
-    def run_path(self) -> Optional[str]:
-        return getattr(self.run, "dir", None)
 
     def log(self, record: dict[str, Any]) -> None:
         data = {k: v for k, v in record.items() if k != "step"}

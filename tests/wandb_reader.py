@@ -49,12 +49,17 @@ def records(path: Path):
         buf = b""
 
 
-def history(run_dir: Path) -> list[dict]:
-    """History rows of the single offline run under `run_dir/wandb`."""
+def run_file(run_dir: Path) -> Path:
+    """The single offline run file under `run_dir/wandb`."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline run file, found {files}"
+    return files[0]
+
+
+def history(run_dir: Path) -> list[dict]:
+    """History rows of the offline run."""
     rows = []
-    for rec in records(files[0]):
+    for rec in records(run_file(run_dir)):
         if rec.WhichOneof("record_type") != "history":
             continue
         row = {}
@@ -67,9 +72,8 @@ def history(run_dir: Path) -> list[dict]:
 
 def config(run_dir: Path) -> dict:
     """The run config as W&B stored it (top-level keys)."""
-    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     out = {}
-    for rec in records(files[0]):
+    for rec in records(run_file(run_dir)):
         kind = rec.WhichOneof("record_type")
         updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
         for item in updates:
@@ -79,6 +83,5 @@ def config(run_dir: Path) -> dict:
 
 def exit_code(run_dir: Path):
     """The exit code the run reported to W&B at finish (None if it never finished)."""
-    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    codes = [rec.exit.exit_code for rec in records(files[0]) if rec.WhichOneof("record_type") == "exit"]
+    codes = [rec.exit.exit_code for rec in records(run_file(run_dir)) if rec.WhichOneof("record_type") == "exit"]
     return codes[-1] if codes else None
