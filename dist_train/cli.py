@@ -1,14 +1,22 @@
-"""Command line: `dist-train train|verify|plot` (also `python -m dist_train`)."""
+"""Command line: `dist-train train|verify|plot` (also `python -m dist_train`).
+
+This is the one error boundary: every failure ends here as one line on stderr
+and an exit code (2 bad input, 1 a failed run, 128 + signal a stopped run, 130
+an interrupted setup). `--debug`, anywhere on the command line, adds the
+traceback and keeps the exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
-from dist_train.errors import TrainingError, UsageError
-
+from dist_train.errors import DistTrainError, TrainingError, UsageError, describe, is_out_of_memory, signal_name
 
 INJECTIONS = ("unsynced-grads",)  # faults `verify --inject` can plant (dist_train.verify)
 
@@ -19,16 +27,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dist-train", description=__doc__)
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p = _Parser(prog="dist-train", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks (accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train with a config file and key=value overrides")
     t.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    t.add_argument("--check", action="store_true", help="check the config and the run directory, then exit")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
 
     v = sub.add_parser("verify", help="check distributed training against a single-process reference")
     v.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    v.add_argument("--check", action="store_true", help="check the config and arguments, then exit")
     v.add_argument("--steps", type=int, default=10, help="optimizer steps to compare (default 10)")
     v.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of norms and loss (default 1e-4)")
     v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of parameters (default 1e-5)")
@@ -54,27 +64,62 @@ def _distributed(cfg):
         yield state, device
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _stop_signal(is_main: bool):
+    from dist_train.signals import StopSignal
+
+    def first(signum: int) -> None:
+        if is_main:
+            _say(f"dist-train: {signal_name(signum)} received; stopping after the current optimizer step "
+                 "(send it again to abort at once)")
+
+    def abort(signum: int) -> None:
+        _say(f"dist-train: {signal_name(signum)} received again; aborting at once "
+             "(metrics.jsonl holds every step logged so far)")
+        os._exit(128 + signum)
+
+    return StopSignal(first, abort)
+
+
 def _train(args: argparse.Namespace) -> int:
     from dist_train.config import load_config
-    from dist_train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    with _distributed(cfg) as (state, device):
-        run_dir = train(cfg, state, device)
+    if args.check:
+        from dist_train.rundir import RunDir
+
+        RunDir(cfg.run.out_dir).check(cfg.run.overwrite)
+        _say("dist-train: config OK")
+        return 0
+    from dist_train.trainer import train
+
+    with _distributed(cfg) as (state, device), _stop_signal(state.is_main) as stop:
+        run_dir = train(cfg, state, device, stop)
     if state.is_main:
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        _say(f"dist-train: done; run directory {run_dir}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     from dist_train.config import load_config
-    from dist_train.verify import verify
+    from dist_train.distributed import DistState
 
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if not (args.rtol >= 0 and args.atol >= 0):
         raise UsageError("--rtol and --atol must be >= 0")
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        _say("dist-train: config OK")
+        return 0
+    if not DistState.from_env().distributed:
+        raise UsageError("verify compares a distributed run with a single-process reference and needs at least 2 "
+                         "ranks; start it under a launcher, e.g. COMMAND=verify NPROC_PER_NODE=2 launch/torchrun.sh")
+    from dist_train.verify import verify
+
     with _distributed(cfg) as (state, device):
         ok = verify(cfg, state, device, args.steps, args.rtol, args.atol, args.inject)
     return 0 if ok else 1
@@ -93,17 +138,60 @@ def _plot(args: argparse.Namespace) -> int:
 COMMANDS = {"train": _train, "verify": _verify, "plot": _plot}
 
 
+def classify(e: BaseException) -> DistTrainError:
+    """Any exception as the one-line error the user sees."""
+    if isinstance(e, DistTrainError):
+        return e
+    if isinstance(e, KeyboardInterrupt):
+        err = DistTrainError("interrupted")
+        err.exit_code = 130
+        return err
+    if is_out_of_memory(e):
+        return TrainingError(f"out of memory ({describe(e)}); lower train.global_batch_size, raise "
+                             "train.grad_accum_steps or use a smaller model")
+    if isinstance(e, OSError) and e.filename:
+        return TrainingError(f"'{e.filename}': {e.strerror or e}")
+    return TrainingError(f"{describe(e)} (run with --debug for the traceback)")
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"dist-train: {record.levelname.lower()}: " + " ".join(record.getMessage().split("\n"))
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("dist_train")
+    if not any(getattr(h, "_dist_train", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler._dist_train = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _printed_here(err: DistTrainError) -> bool:
+    """Under a launcher, the error of every rank alike is printed once (per node, or by rank 0)."""
+    from dist_train.distributed import ranks_from_env
+
+    rank, local_rank = ranks_from_env()
+    return {"every": True, "node": local_rank == 0, "main": rank == 0}.get(err.scope, True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    _setup_logging()
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, TrainingError) as e:
+    except SystemExit:  # --help
+        raise
+    except BaseException as e:
+        err = classify(e)
         if debug:
-            raise
-        print(f"dist-train: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("dist-train: interrupted", file=sys.stderr)
-        return 130
+            traceback.print_exc()
+        if _printed_here(err):
+            _say(f"dist-train: {err.label}: {' '.join(str(err).split())}")
+        return err.exit_code

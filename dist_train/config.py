@@ -8,18 +8,21 @@ written anywhere.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import enum
 import importlib
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dist_train.errors import ConfigError
+from dist_train.errors import ConfigError, describe
 
 
 class Device(str, enum.Enum):
@@ -65,7 +68,8 @@ class RunConfig:
     name: Optional[str] = None
     """Run name shown in W&B; defaults to the run directory's name."""
     overwrite: bool = False
-    """Allow reusing a run directory that already holds a run (its files are replaced)."""
+    """Start over in a run directory that holds an earlier run: removes only the files dist_train wrote
+    there, and refuses a directory holding files it does not know or a run still in progress."""
 
 
 @dataclass
@@ -81,7 +85,7 @@ class TrainConfig:
     device: Device = Device.auto
     """auto: CUDA when available, else CPU."""
     precision: Precision = Precision.no
-    """no (fp32) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
+    """no (fp32; `fp32` is accepted too) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
     checkpoint: bool = True
     """Save model, optimizer, clip-policy and scaler state to checkpoint.pt at the end."""
 
@@ -170,37 +174,106 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree, e.g. 'train.max_steps'."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += all_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str) -> str:
+    """The unknown-key message, with the nearest valid keys (typos) or the valid choices."""
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if close:
+        return f"unknown config key '{key}'; did you mean {' or '.join(repr(k) for k in close)}?"
+    section = key.split(".")[0]
+    in_section = [k for k in keys if k.startswith(section + ".")]
+    if in_section:
+        return f"unknown config key '{key}'; the keys of '{section}' are {', '.join(in_section)}"
+    sections = sorted({k.split(".")[0] for k in keys}, key=[k.split(".")[0] for k in keys].index)
+    return f"unknown config key '{key}'; the sections are {', '.join(sections)}"
+
+
 def _one_line(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0].strip()
     if "Key '" in msg and "not in" in msg:
-        return f"unknown config key '{key}'; check its spelling against configs/debug.yaml"
+        return _unknown_key(str(key))
     if key:
         return f"config key '{key}': {msg}"
     return f"config: {msg}"
 
 
-def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) -> Config:
+def _regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it is a readable regular file; a one-line ConfigError otherwise.
+
+    Checked before opening: opening a FIFO would block, a directory would fail late.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} '{path}' not found")
+    if p.is_dir():
+        raise ConfigError(f"{what} '{path}' is a directory, not a file")
+    if not p.is_file():
+        raise ConfigError(f"{what} '{path}' is not a regular file (a FIFO or device?)")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"{what} '{path}' is not readable; check its permissions")
+    return p
+
+
+#: Spellings accepted for enum values, applied before validation. YAML reads a
+#: bare `no` as the boolean false, so `train.precision=no` would otherwise fail.
+ALIASES: dict[str, dict[Any, str]] = {
+    "train.precision": {False: "no", "fp32": "no"},
+}
+
+
+def _apply_aliases(layer: Any) -> None:
+    for key, table in ALIASES.items():
+        value = OmegaConf.select(layer, key, default=None)
+        # `is False`, not ==: 0 == False, and `train.precision=0` is no spelling of "no".
+        if value is False or (isinstance(value, str) and value in table):
+            OmegaConf.update(layer, key, table[value])
+
+
+def _load_yaml(path: str | os.PathLike) -> Any:
+    p = _regular_file(path, "config file")
+    try:
+        layer = OmegaConf.load(p)
+    except OmegaConfBaseException:
+        raise
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except Exception as e:  # YAML syntax errors come from the yaml library
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    if not isinstance(layer, DictConfig):
+        kind = "a list" if isinstance(layer, ListConfig) else type(layer).__name__
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping of sections (train:, optim:, ...), not {kind}"
+        )
+    return layer
+
+
+def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()) -> Config:
     """Load, merge and validate; raise ConfigError (one line) on any problem."""
     base = OmegaConf.structured(Config)
     try:
         layers: list[Any] = [base]
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
-            try:
-                layers.append(OmegaConf.load(p))
-            except OmegaConfBaseException:
-                raise
-            except Exception as e:  # YAML syntax errors come from the yaml library
-                first = str(e).splitlines()[0]
-                raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+            layers.append(_load_yaml(path))
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers[1:]:
+            _apply_aliases(layer)
         merged = OmegaConf.merge(*layers)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -214,8 +287,22 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+def _finite(value: float, key: str, lo: float, hi: float = math.inf, lo_open: bool = True) -> None:
+    """Require lo < value <= hi (lo <= value when not lo_open), and value finite."""
+    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        lo_txt = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        rng = f"finite and {lo_txt}" if hi == math.inf else f"finite, {lo_txt} and <= {hi:g}"
+        raise ConfigError(f"config key '{key}': must be {rng}, got {value}")
+
+
+GiB = 1024**3
+MAX_SEED = 2**62  # seed + epoch and seed + rank must stay within torch's 64-bit seeds
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that types alone cannot express; everything checkable before training."""
     from dist_train.clip import POLICIES
 
     t = cfg.train
@@ -227,22 +314,39 @@ def validate(cfg: Config) -> None:
         "train.global_batch_size",
         f"{t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}",
     )
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, 2^62], got {t.seed}")
     o = cfg.optim
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _finite(o.lr, "optim.lr", 0)
+    _finite(o.weight_decay, "optim.weight_decay", 0, lo_open=False)
     _require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
     _require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(
+        o.warmup_steps <= t.max_steps,
+        "optim.warmup_steps",
+        f"{o.warmup_steps} is more than train.max_steps={t.max_steps}, so the peak optim.lr would never be "
+        "reached; lower it",
+    )
     c = cfg.clip
     _require(c.policy in POLICIES, "clip.policy", f"unknown policy '{c.policy}'; choose one of {', '.join(POLICIES)}")
-    _require(c.max_norm > 0, "clip.max_norm", f"must be > 0, got {c.max_norm}")
-    _require(c.eps >= 0, "clip.eps", f"must be >= 0, got {c.eps}")
+    _finite(c.max_norm, "clip.max_norm", 0)
+    # A large eps silently shrinks every step (eps=inf trains nothing); 1e-6 is the norm.
+    _finite(c.eps, "clip.eps", 0, hi=1e-2, lo_open=False)
     _require(
         c.max_consecutive_nonfinite > 0,
         "clip.max_consecutive_nonfinite",
         f"must be > 0, got {c.max_consecutive_nonfinite}",
     )
     _require(cfg.logging.every > 0, "logging.every", f"must be > 0, got {cfg.logging.every}")
+    if cfg.logging.wandb.mode == WandbMode.online:
+        from dist_train.wandb_sink import api_key_configured
+
+        _require(
+            api_key_configured(),
+            "logging.wandb.mode",
+            "online needs a W&B API key, and none is configured; run 'wandb login' or set WANDB_API_KEY, "
+            "or use logging.wandb.mode=offline",
+        )
     m = cfg.model
     for key in ("n_layer", "n_head", "d_model", "block_size"):
         v = getattr(m, key)
@@ -253,7 +357,7 @@ def validate(cfg: Config) -> None:
         resolve_factory(m.factory)
     d = cfg.data
     if d.text_file is not None:
-        _require(Path(d.text_file).is_file(), "data.text_file", f"file '{d.text_file}' not found")
+        _regular_file(d.text_file, "config key 'data.text_file': file")
     else:
         _require(d.vocab_size >= 8, "data.vocab_size", f"must be >= 8, got {d.vocab_size}")
         _require(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
@@ -269,8 +373,68 @@ def validate(cfg: Config) -> None:
             "nccl needs CUDA devices, and this run trains on the CPU; use auto or gloo",
         )
     _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
-    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
+    _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
     _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
+    _check_fits_in_memory(cfg, on_gpu=cuda and t.device != Device.cpu)
+
+
+def _available_memory(on_gpu: bool) -> Optional[int]:
+    """Bytes this process can expect to use: the GPU's memory, or the host's available memory."""
+    if on_gpu:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def tinygpt_parameters(m: ModelConfig, vocab_size: int) -> int:
+    """Parameter count of the embedded TinyGPT (dist_train.model)."""
+    d = m.d_model
+    per_block = 12 * d * d + 13 * d  # qkv, proj, 2-layer MLP (4x), two LayerNorms, with biases
+    return vocab_size * d + m.block_size * d + m.n_layer * per_block + 2 * d + d * vocab_size
+
+
+def _check_fits_in_memory(cfg: Config, on_gpu: bool) -> None:
+    """Refuse sizes that cannot fit at all, before anything is allocated or written.
+
+    A sanity bound, not a tight one: the embedded model's weights, gradients and
+    two AdamW moments in fp32 (16 bytes a parameter, activations not counted),
+    and the synthetic data set held in memory.
+    """
+    available = _available_memory(on_gpu)
+    if available is None:
+        return
+    where = "GPU" if on_gpu else "host"
+    if cfg.model.factory is None:
+        vocab = cfg.data.vocab_size if cfg.data.text_file is None else 256
+        n = tinygpt_parameters(cfg.model, vocab)
+        need = 16 * n
+        _require(
+            need <= available,
+            "model.d_model",
+            f"this model has {n:.3g} parameters and needs about {need / GiB:.3g} GiB for weights, gradients and "
+            f"AdamW state, more than the {available / GiB:.3g} GiB of {where} memory available; use a smaller model "
+            "(model.d_model, model.n_layer)",
+        )
+    if cfg.data.text_file is None:
+        need = cfg.data.num_samples * (cfg.model.block_size + 2) * 8  # int64 samples + the permutation
+        host = _available_memory(False)
+        _require(
+            host is None or need <= host,
+            "data.num_samples",
+            f"{cfg.data.num_samples} samples of model.block_size+1 tokens need about {need / GiB:.3g} GiB, more "
+            f"than the {(host or 0) / GiB:.3g} GiB of host memory available; lower it",
+        )
 
 
 def resolve_factory(spec: str):
@@ -286,6 +450,15 @@ def resolve_factory(spec: str):
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"config key 'model.factory': cannot import module '{module_name}' ({e})") from None
+    except SyntaxError as e:
+        raise ConfigError(
+            f"config key 'model.factory': module '{module_name}' has a syntax error "
+            f"({e.msg}, {Path(e.filename or '?').name} line {e.lineno})"
+        ) from None
+    except Exception as e:  # user code raising at import time
+        raise ConfigError(
+            f"config key 'model.factory': importing module '{module_name}' raised {describe(e)}"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"config key 'model.factory': module '{module_name}' has no callable '{attr}'")

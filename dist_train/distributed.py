@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from dist_train.errors import TrainingError, UsageError
+from dist_train.errors import DistTrainError, TrainingError, UsageError
 
 T = TypeVar("T")
 
@@ -35,6 +35,20 @@ LAUNCHERS: dict[str, tuple[str, dict[str, str]]] = {
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
 
 
+def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(rank, local rank) as the launcher set them, (0, 0) when unset or unreadable.
+
+    For deciding who prints an error, where DistState.from_env may itself be what failed.
+    """
+    def read(var: str) -> int:
+        try:
+            return int(env.get(var, "0"))
+        except ValueError:
+            return 0
+
+    return read(TORCH_ENV["rank"]), read(TORCH_ENV["local_rank"])
+
+
 @dataclass
 class DistState:
     rank: int = 0
@@ -44,6 +58,7 @@ class DistState:
     launcher: str = "none"
     backend: Optional[str] = None
     _active: bool = field(default=False, repr=False)
+    _cpu_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +96,9 @@ class DistState:
                 if missing:
                     raise UsageError(f"launcher environment is incomplete: {', '.join(missing)} not set; "
                                      "start the job with torchrun or export them")
+                port = env["MASTER_PORT"]
+                if not (port.isdigit() and 0 < int(port) < 65536):
+                    raise UsageError(f"launcher variable MASTER_PORT={port!r} is not a port number (1-65535)")
             return state
         return cls()
 
@@ -111,6 +129,10 @@ class DistState:
                 f"{timeout_s:g} s ({first}); check MASTER_ADDR/MASTER_PORT and that every rank was started"
             ) from None
         self._active = True
+        # Stop votes travel on the CPU (see StopVote): NCCL would need a device tensor,
+        # and reading it back would be a host sync on every step.
+        self._cpu_group = None if self.backend == "gloo" else dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         try:
             yield self
             # Leave together: a rank that tears down its connections while another
@@ -138,25 +160,78 @@ class DistState:
         return -both[1], both[0]
 
     def on_main(self, fn: Callable[[], T]) -> Optional[T]:
-        """Run `fn` on rank 0 only; if it raises a UsageError, raise it on every rank.
+        """Run `fn` on rank 0 only; if it fails, fail on every rank.
 
         Without this, an error found on rank 0 alone (say, an existing run
         directory) would leave the other ranks waiting in their next collective.
+        Rank 0 raises its own error; the others raise one with the same message
+        and exit code that only rank 0 reports.
         """
         result: Any = None
-        error: Optional[str] = None
+        failure: Optional[tuple[int, str]] = None
+        error: Optional[BaseException] = None
         if self.is_main:
             try:
                 result = fn()
-            except UsageError as e:
-                error = str(e)
+            except BaseException as e:
+                error = e
+                code = e.exit_code if isinstance(e, DistTrainError) else 1
+                failure = (code, str(e) if isinstance(e, DistTrainError) else f"rank 0 failed: {type(e).__name__}")
         if self._active:
-            box = [error]
+            box = [failure]
             dist.broadcast_object_list(box, src=0)
-            error = box[0]
+            failure = box[0]
         if error is not None:
-            raise UsageError(error)
+            raise error
+        if failure is not None:
+            shared = UsageError(failure[1]) if failure[0] == 2 else TrainingError(failure[1])
+            shared.scope = "main"
+            raise shared
         return result
+
+    def stop_vote(self) -> "StopVote":
+        return StopVote(self._cpu_group if self._active else None, self._active)
+
+
+class StopVote:
+    """Agree on the optimizer step at which every rank stops, without waiting on it.
+
+    A stop signal reaches the ranks at different moments; a rank that stopped
+    alone would leave the others hanging in their next collective. Each step,
+    every rank contributes its flag to a non-blocking all-reduce (MAX, on the CPU)
+    and reads the result of the previous step's one, which has long completed, so
+    no step waits for it and nothing is read back from the GPU. Every rank reads
+    the same result at the same step, so all stop after the same step: at most
+    one optimizer step after the first rank saw the signal (at once when single-process).
+    """
+
+    def __init__(self, group: Any, active: bool):
+        self._group = group
+        self._active = active
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+
+    def poll(self, local: bool) -> bool:
+        """Call once per optimizer step on every rank; True: stop after this step."""
+        if not self._active:
+            return local
+        decided = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            decided = bool(flag.item())  # a CPU tensor: no device sync
+            self._pending = None
+        if decided:
+            return True
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, flag)
+        return False
+
+    def close(self) -> None:
+        """Wait for the last vote (every rank calls this after its last step)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 class RendezvousError(TrainingError):

@@ -6,15 +6,22 @@ built on rank 0 only, from values already reduced across ranks.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import torch
 
+from dist_train.errors import UsageError, io_error, writing
 from dist_train.step import StepMetrics
+
+log = logging.getLogger("dist_train")
 
 
 class Window:
@@ -63,7 +70,7 @@ def make_record(
         "grad_norm/clip_coef": _num(m.clip_coef.item()),
         "grad_norm/threshold": _num(m.threshold.item()),
         "grad_norm/clipped_frac": window.clipped.item() / max(window.steps, 1),
-        "optim/lr": lr,
+        "optim/lr": _num(lr),
         "optim/step_skipped": int(m.skipped),
         "optim/skipped_steps": skipped_total,
         "perf/samples_per_sec": window.samples / elapsed,
@@ -76,24 +83,67 @@ def make_record(
 
 class Sink(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
-    def close(self, failed: bool = False) -> None: ...
+    def close(self, exit_code: int = 0) -> None: ...
 
 
 class JsonlSink:
-    """`metrics.jsonl`: one JSON object per logged step, flushed at once."""
+    """`metrics.jsonl`: one JSON object per logged step, each line written whole.
+
+    A line goes out in one write() of the complete line. If the write fails or
+    comes up short (a full disk), the file is cut back to its last complete line
+    and the error names the file: the file never holds a partial line.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = open(path, "w", encoding="utf-8")
+        self.rows = 0
+        with writing(path):
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._size = 0
 
     def log(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, allow_nan=False) + "\n")
-        self._f.flush()
+        data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+        try:
+            n = os.write(self._fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {n} of {len(data)} bytes)")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise io_error(self.path, e) from e
+        self._size += n
+        self.rows += 1
 
-    def close(self, failed: bool = False) -> None:
-        self._f.close()
+    def close(self, exit_code: int = 0) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl.
+
+    A last line without its newline (a writer killed mid-line) is skipped with a
+    warning; any other line that is not a record is a one-line UsageError.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read '{path}': {e.strerror or e}") from None
+    lines = data.split(b"\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # no newline after it: cut off mid-write
+                log.warning("'%s' ends in an incomplete line (line %d); it was skipped", path, i)
+                continue
+            raise UsageError(f"'{path}' line {i} is not valid JSON; is this a metrics.jsonl written by dist-train?") \
+                from None
+        if not isinstance(obj, dict) or type(obj.get("step")) is not int:
+            raise UsageError(f"'{path}' line {i} is not a metrics record (a JSON object with an integer 'step')")
+        rows.append(obj)
+    return rows

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dist_train.config import ModelConfig, resolve_factory
+from dist_train.errors import ConfigError, describe, is_out_of_memory
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,10 +88,57 @@ class TinyGPT(nn.Module):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The configured model: `model.factory(cfg, vocab_size)` or the embedded TinyGPT."""
+    """The configured model: `model.factory(cfg, vocab_size)` or the embedded TinyGPT.
+
+    A factory that raises or returns something other than a module instance is
+    a one-line ConfigError naming model.factory.
+    """
     if cfg.factory is None:
         return TinyGPT(cfg, vocab_size)
-    model = resolve_factory(cfg.factory)(cfg, vocab_size)
+    key = f"config key 'model.factory': '{cfg.factory}'"
+    try:
+        model = resolve_factory(cfg.factory)(cfg, vocab_size)
+    except ConfigError:
+        raise
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise ConfigError(f"{key} ran out of memory building the model; use a smaller model") from None
+        raise ConfigError(
+            f"{key} raised {describe(e)} (a factory is build(cfg: ModelConfig, "
+            "vocab_size: int) -> torch.nn.Module)"
+        ) from None
+    if isinstance(model, type):
+        raise ConfigError(f"{key} returned the class {model.__name__}, not an instance of it")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model.factory '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"{key} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def check_model_output(model: nn.Module, cfg: ModelConfig, vocab_size: int, device: torch.device) -> None:
+    """Run a (2, block_size) batch of token ids through `model`: (2, block_size, V) logits with V >= vocab_size.
+
+    A larger V is fine (padded vocabularies such as 50304 for 50257 tokens). The
+    probe runs in eval mode without gradients, and leaves the RNG state as it was.
+    """
+    key = f"config key 'model.factory': the model of '{cfg.factory}'"
+    x = torch.zeros(2, cfg.block_size, dtype=torch.long, device=device)
+    was_training = model.training
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            out = model(x)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise ConfigError(f"{key} ran out of memory on a (2, {cfg.block_size}) batch; use a smaller model "
+                                  "or model.block_size") from None
+            raise ConfigError(f"{key} raised {describe(e)} on a (2, {cfg.block_size}) batch of token ids") \
+                from None
+        finally:
+            model.train(was_training)
+    want = f"(2, {cfg.block_size}, V) logits with V >= the vocabulary size {vocab_size}"
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"{key} returned {type(out).__name__} for a (2, {cfg.block_size}) batch; it must return {want}")
+    if out.dim() != 3 or tuple(out.shape[:2]) != (2, cfg.block_size) or out.size(-1) < vocab_size:
+        raise ConfigError(f"{key} maps a (2, {cfg.block_size}) batch of token ids to shape {tuple(out.shape)}; "
+                          f"expected {want}")

@@ -1,8 +1,14 @@
-"""Progress: a bar on an interactive terminal, plain log lines otherwise (SLURM logs)."""
+"""Progress: a bar on an interactive terminal, plain log lines otherwise (SLURM logs).
+
+Plain lines carry the wall-clock time, the elapsed time and an ETA, so a batch
+log can be read on its own. The bar keeps its text short enough to stay a bar
+at 80 columns; the plain lines carry every number.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Optional
 
 from dist_train.config import Progress
@@ -16,6 +22,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 SHOWN = [
     ("train/loss", "loss"),
     ("grad_norm/raw", "raw"),
@@ -25,10 +37,12 @@ SHOWN = [
     ("optim/skipped_steps", "skipped"),
     ("perf/samples_per_sec", "samples/s"),
 ]
+#: What the bar shows: the loss and the two norms, which fit beside a bar at 80 columns.
+SHOWN_ON_BAR = SHOWN[:3]
 
 
-def summary(record: dict[str, Any]) -> str:
-    return " ".join(f"{short} {_fmt(record[key])}" for key, short in SHOWN if key in record)
+def summary(record: dict[str, Any], shown=SHOWN) -> str:
+    return " ".join(f"{short} {_fmt(record[key])}" for key, short in shown if key in record)
 
 
 class ProgressReporter:
@@ -36,12 +50,20 @@ class ProgressReporter:
         self.stream = stream or sys.stderr
         self.total = total
         self.enabled = enabled
+        self.t0 = time.monotonic()
         use_bar = mode == Progress.bar or (mode == Progress.auto and self.stream.isatty())
         self.bar: Optional[Any] = None
         if enabled and use_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=self.stream, dynamic_ncols=True, unit="step")
+            self.bar = tqdm(
+                total=total, file=self.stream, dynamic_ncols=True, unit="step",
+                bar_format="{n_fmt}/{total_fmt} {bar} {elapsed}<{remaining} {postfix}",
+            )
+
+    def eta(self, step: int) -> float:
+        elapsed = time.monotonic() - self.t0
+        return elapsed / step * (self.total - step) if step > 0 else float("nan")
 
     def step(self, record: Optional[dict[str, Any]]) -> None:
         if not self.enabled:
@@ -49,9 +71,17 @@ class ProgressReporter:
         if self.bar is not None:
             self.bar.update(1)
             if record is not None:
-                self.bar.set_postfix_str(summary(record), refresh=False)
+                self.bar.set_postfix_str(summary(record, SHOWN_ON_BAR), refresh=False)
         elif record is not None:
-            print(f"step {record['step']}/{self.total} {summary(record)}", file=self.stream, flush=True)
+            n = record["step"]
+            elapsed = time.monotonic() - self.t0
+            eta = self.eta(n)
+            print(
+                f"{time.strftime('%H:%M:%S')} step {n}/{self.total} [{hms(elapsed)} elapsed, "
+                f"{hms(eta) if eta == eta else '?'} left] {summary(record)}",
+                file=self.stream,
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -64,3 +94,4 @@ class ProgressReporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

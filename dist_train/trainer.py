@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import signal
+import logging
 import math
-import os
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -17,14 +20,15 @@ from dist_train.amp import build_amp, pick_device
 from dist_train.clip import ClipPolicy, build_policy
 from dist_train.data import GlobalBatches, TokenDataset, build_dataset, split_for_rank
 from dist_train.distributed import DistState
-from dist_train.errors import TrainingError, UsageError
+from dist_train.errors import ConfigError, Stopped, TrainingError, signal_name
 from dist_train.metrics import JsonlSink, Sink, Window, make_record
-from dist_train.model import build_model
-from dist_train.progress import ProgressReporter
+from dist_train.model import build_model, check_model_output
+from dist_train.progress import ProgressReporter, hms
+from dist_train.rundir import RunDir, atomic_path
+from dist_train.signals import StopSignal
 from dist_train.step import Amp, GradSync, LocalGradSync, StepMetrics, train_step
 
-#: Files a run writes into its run directory.
-RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoint.pt", "plot.png", "wandb")
+log = logging.getLogger("dist_train")
 
 
 def lr_lambda(cfg: C.OptimConfig, max_steps: int):
@@ -75,7 +79,7 @@ def build(
     device = device or pick_device(cfg.train.device, dist.local_rank)
     t = cfg.train
     if t.global_batch_size % (dist.world_size * t.grad_accum_steps):
-        raise UsageError(
+        raise ConfigError(
             f"config key 'train.global_batch_size': {t.global_batch_size} is not divisible by "
             f"world_size*grad_accum_steps={dist.world_size}*{t.grad_accum_steps}"
         )
@@ -83,6 +87,8 @@ def build(
     batches = GlobalBatches(len(dataset), t.global_batch_size, t.seed)
     torch.manual_seed(t.seed)  # the same initial weights on every rank and every world size
     model = build_model(cfg.model, dataset.vocab_size).to(device)
+    if cfg.model.factory is not None:
+        check_model_output(model, cfg.model, dataset.vocab_size, device)
     grad_sync: GradSync = LocalGradSync()
     if dist.distributed and sync_grads:
         model = ddp.wrap(model, device)
@@ -128,23 +134,6 @@ def optimizer_step(s: Setup, step: int) -> StepMetrics:
     return m
 
 
-def prepare_run_dir(cfg: C.Config) -> Path:
-    """Create the run directory; refuse to clobber an earlier run unless run.overwrite."""
-    run_dir = Path(cfg.run.out_dir)
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing and not cfg.run.overwrite:
-        raise UsageError(
-            f"run directory '{run_dir}' already holds a run ({', '.join(existing)}); "
-            "choose another run.out_dir or pass run.overwrite=true"
-        )
-    for name in existing:
-        p = run_dir / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(C.to_yaml(cfg), encoding="utf-8")
-    return run_dir
-
-
 def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None:
     state = {
         "step": step,
@@ -154,43 +143,103 @@ def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None
         "scheduler": s.scheduler.state_dict(),
         "clip_policy": {"name": s.policy.name, "state": s.policy.state_dict()},
         "scaler": s.amp.scaler.state_dict() if s.amp.scaler is not None else None,
+        "vocab": s.dataset.itos,
         "config": C.to_dict(s.cfg),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    with atomic_path(path) as tmp:  # never a half-written checkpoint, never a temporary file left
+        torch.save(state, tmp)
 
 
-def open_sinks(cfg: C.Config, run_dir: Path) -> list[Sink]:
-    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
-    if cfg.logging.wandb.mode != C.WandbMode.disabled:
-        from dist_train.wandb_sink import WandbSink
+@dataclass
+class Outputs:
+    """Rank 0's open run: the locked directory and the sinks writing into it."""
 
-        sinks.append(WandbSink(cfg.logging.wandb, run_dir, cfg.run.name or run_dir.name, C.to_dict(cfg)))
-    return sinks
+    run_dir: RunDir
+    jsonl: JsonlSink
+    sinks: list[Sink]
+    wandb_sync_dir: Optional[Path] = None
+    wandb_url: Optional[str] = None
 
 
-def run(s: Setup, sinks: list[Sink], progress: ProgressReporter) -> dict[str, Any]:
-    """The loop. Returns the last logged record."""
+def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir) -> Outputs:
+    """Lock the run directory, write config (and vocabulary), open metrics.jsonl and W&B.
+
+    All or nothing: if any of it fails, what was written is removed again.
+    """
+    run_dir.open(cfg.run.overwrite)
+    try:
+        run_dir.write_text("config.yaml", C.to_yaml(cfg))
+        if s.dataset.itos is not None:
+            run_dir.write_text("vocab.json", json.dumps(s.dataset.itos, ensure_ascii=False) + "\n")
+        run_dir.wrote("metrics.jsonl")
+        jsonl = JsonlSink(run_dir.path / "metrics.jsonl")
+        out = Outputs(run_dir, jsonl, [jsonl])
+        if cfg.logging.wandb.mode != C.WandbMode.disabled:
+            from dist_train.wandb_sink import WandbSink
+
+            wb = WandbSink(cfg.logging.wandb, run_dir.path, cfg.run.name or run_dir.path.resolve().name,
+                           C.to_dict(cfg))
+            out.sinks.append(wb)
+            out.wandb_sync_dir, out.wandb_url = wb.sync_dir, wb.url
+        return out
+    except BaseException:
+        run_dir.finish(discard=True)
+        raise
+
+
+def startup_summary(s: Setup, out: Outputs) -> list[str]:
+    cfg, d = s.cfg, s.dist
+    n_params = sum(p.numel() for p in ddp.unwrap(s.model).parameters())
+    world = (f"{d.world_size} processes ({d.launcher}, backend {d.backend})" if d.distributed
+             else "1 process (no launcher)")
+    precision = {"no": "fp32"}.get(cfg.train.precision.value, cfg.train.precision.value)
+    lines = [
+        f"dist-train: {cfg.train.max_steps} steps of {cfg.train.global_batch_size} samples on {s.device}, {world}, "
+        f"precision {precision}, model {n_params / 1e6:.3g}M parameters",
+        f"dist-train: run directory {out.run_dir.path}",
+    ]
+    if s.device.type == "cpu" and cfg.train.precision != C.Precision.no:
+        lines.append("dist-train: note: autocast on a CPU is often slower than fp32 (about 2x for the debug model)")
+    if out.wandb_sync_dir is not None:
+        lines.append(f"dist-train: W&B offline; upload later with: wandb sync {out.wandb_sync_dir}")
+    elif out.wandb_url:
+        lines.append(f"dist-train: W&B online: {out.wandb_url}")
+    elif len(out.sinks) == 1:
+        lines.append("dist-train: W&B disabled")
+    return lines
+
+
+@dataclass
+class Outcome:
+    last: dict[str, Any]
+    steps_done: int
+    skipped_total: int
+    stopped_by: Optional[int] = None  # the signal that stopped the run early
+
+
+def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[StopSignal] = None) -> Outcome:
+    """The loop. Stops early, after a complete optimizer step, when a stop signal was received."""
     cfg = s.cfg
     t = cfg.train
     window = Window(s.device)
-    skipped_total = 0
+    vote = s.dist.stop_vote()
+    out = Outcome(last={}, steps_done=0, skipped_total=0)
     consecutive = 0
-    last: dict[str, Any] = {}
     s.model.train()
     for step in range(t.max_steps):
         lr = s.optimizer.param_groups[0]["lr"]
         m = optimizer_step(s, step)
         window.add(m, t.global_batch_size)
         if m.skipped:
-            skipped_total += 1
+            out.skipped_total += 1
             consecutive += 1
         else:
             consecutive = 0
-        n = step + 1
+        n = out.steps_done = step + 1
+        # Every rank learns the same answer at the same step, so the last step is logged by all.
+        stop_now = vote.poll(stop is not None and stop.requested) and n < t.max_steps
         record = None
-        if n % cfg.logging.every == 0 or n == t.max_steps or m.skipped:
+        if n % cfg.logging.every == 0 or n == t.max_steps or m.skipped or stop_now:
             loss = s.dist.mean(m.loss)  # collective: every rank takes part
             if s.dist.is_main:
                 record = make_record(
@@ -199,12 +248,12 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter) -> dict[str, An
                     m=m,
                     window=window,
                     lr=lr,
-                    skipped_total=skipped_total,
+                    skipped_total=out.skipped_total,
                     tokens_per_sample=cfg.model.block_size,
                 )
                 for sink in sinks:
                     sink.log(record)
-                last = record
+                out.last = record
             window.reset()
         if m.skipped:
             progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
@@ -212,38 +261,86 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter) -> dict[str, An
         if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
             ddp.check_replicas(s.model, s.dist, n)
         if consecutive >= cfg.clip.max_consecutive_nonfinite:
+            hint = "lower optim.lr or clip.max_norm, or check the data around these steps"
+            if t.precision == C.Precision.fp16:
+                hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
             raise TrainingError(
                 f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
-                f"gradient norm (clip.max_consecutive_nonfinite={cfg.clip.max_consecutive_nonfinite}); "
-                "lower optim.lr, check the data, or try train.precision=bf16"
+                f"gradient norm (clip.max_consecutive_nonfinite={cfg.clip.max_consecutive_nonfinite}); {hint}"
             )
-    return last
+        if stop_now:
+            out.stopped_by = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
+            # The seam for a checkpoint on stop (resume comes with the SLURM scripts).
+            break
+    vote.close()
+    return out
 
 
-def train(cfg: C.Config, dist: Optional[DistState] = None, device: Optional[torch.device] = None) -> Path:
-    """Build everything, then create the run directory, train, log, plot, checkpoint.
+def _finish(steps: list[tuple[str, Callable[[], None]]], primary: Optional[BaseException]) -> None:
+    """Run every teardown step. With an error already on its way out, a failing step
+    only warns (it must not bury the real error); otherwise the first failure is raised."""
+    first: Optional[BaseException] = None
+    for what, fn in steps:
+        try:
+            fn()
+        except Exception as e:
+            if primary is None and first is None:
+                first = e
+            else:
+                log.warning("%s failed too: %s", what, e)
+    if first is not None:
+        raise first
 
-    Rank 0 alone writes metrics, W&B, the plot and the checkpoint.
+
+def train(
+    cfg: C.Config,
+    dist: Optional[DistState] = None,
+    device: Optional[torch.device] = None,
+    stop: Optional[StopSignal] = None,
+) -> Path:
+    """Check the run directory, build everything, then open it, train, log, plot, checkpoint.
+
+    Rank 0 alone writes the run directory. A run that fails or is stopped before
+    its first logged step leaves nothing behind; after it, everything logged stays.
     """
+    dist = dist or DistState()
+    run_dir = RunDir(cfg.run.out_dir)
+    dist.on_main(lambda: run_dir.check(cfg.run.overwrite))  # seconds before the setup, not after it
     s = build(cfg, dist, device)
-    run_dir = Path(cfg.run.out_dir)
-    sinks: list[Sink] = []
-    s.dist.on_main(lambda: prepare_run_dir(cfg))  # an error here stops every rank
-    progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=s.dist.is_main)
-    failed = True
+    out = dist.on_main(lambda: open_outputs(cfg, s, run_dir))
+    progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=dist.is_main)
+    if out is not None:
+        for line in startup_summary(s, out):
+            progress.message(line)
+    t0 = time.monotonic()
+    outcome: Optional[Outcome] = None
+    primary: Optional[BaseException] = None
     try:
-        if s.dist.is_main:
-            sinks = open_sinks(cfg, run_dir)
-        last = run(s, sinks, progress)
-        if s.dist.is_main and cfg.train.checkpoint:
-            save_checkpoint(s, run_dir / "checkpoint.pt", cfg.train.max_steps, last.get("optim/skipped_steps", 0))
-        failed = False
+        outcome = run(s, out.sinks if out is not None else [], progress, stop)
+        if out is not None and cfg.train.checkpoint and outcome.stopped_by is None:
+            save_checkpoint(s, run_dir.path / "checkpoint.pt", outcome.steps_done, outcome.skipped_total)
+    except BaseException as e:
+        primary = e
+        raise
     finally:
         progress.close()
-        for sink in sinks:
-            sink.close(failed)
-        if s.dist.is_main and (run_dir / "metrics.jsonl").exists():
-            from dist_train.plot import plot_run
+        if out is not None:
+            code = 0 if primary is None else getattr(primary, "exit_code", 1)
+            if primary is None and outcome is not None and outcome.stopped_by is not None:
+                code = 128 + outcome.stopped_by
+            logged = out.jsonl.rows > 0
+            steps = [(f"closing {type(k).__name__}", functools.partial(k.close, code)) for k in out.sinks]
+            if logged:
+                from dist_train.plot import plot_run
 
-            plot_run(run_dir)
-    return run_dir
+                steps.append(("drawing the plot", lambda: plot_run(run_dir.path)))
+            steps.append(("releasing the run directory", lambda: run_dir.finish(discard=code != 0 and not logged)))
+            _finish(steps, primary)
+    if outcome.stopped_by is not None:
+        where = (f"after step {outcome.steps_done} of {cfg.train.max_steps}" if outcome.steps_done
+                 else "before the first step")
+        kept = (f"metrics.jsonl and the plot in {run_dir.path} hold every logged step" if out is None or out.jsonl.rows
+                else "nothing was logged, so the run directory was removed")
+        raise Stopped(f"{signal_name(outcome.stopped_by)} received; stopped {where} "
+                      f"({hms(time.monotonic() - t0)} elapsed); {kept}", outcome.stopped_by)
+    return run_dir.path

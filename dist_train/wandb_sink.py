@@ -1,14 +1,24 @@
-"""Weights & Biases: the same records as metrics.jsonl, with the resolved config."""
+"""Weights & Biases: the same records as metrics.jsonl, with the resolved config.
+
+metrics.jsonl is the record that must not be lost; W&B mirrors it. If W&B
+stops working mid-run (its background service killed by the same signal that
+stops the run, a full disk, a network failure), the run warns once and goes on
+without it instead of failing or hanging.
+"""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 from dist_train.config import WandbConfig, WandbMode
+from dist_train.errors import UsageError, describe
+
+log = logging.getLogger("dist_train")
 
 
 def api_key_configured() -> bool:
@@ -31,22 +41,47 @@ def resolve_mode(mode: WandbMode) -> str:
 
 class WandbSink:
     def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict[str, Any]):
-        import wandb
-
         self.mode = resolve_mode(cfg.mode)
-        self.run = wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=name,
-            dir=str(run_dir),
-            config=config,
-            mode=self.mode,
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
-        )
+        try:
+            import wandb
+
+            self.run: Optional[Any] = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=name,
+                dir=str(run_dir),
+                config=config,
+                mode=self.mode,
+                settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+            )
+        except Exception as e:
+            raise UsageError(
+                f"W&B could not start in {self.mode} mode ({describe(e)}); check the network and the API key, "
+                "or pass logging.wandb.mode=offline (or disabled)"
+            ) from None
+        #: The offline run's folder, the argument of `wandb sync` (None when online).
+        self.sync_dir: Optional[Path] = Path(self.run.settings.sync_dir) if self.mode == "offline" else None
+        self.url: Optional[str] = getattr(self.run, "url", None) if self.mode == "online" else None
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
         data = {k: v for k, v in record.items() if k != "step"}
-        self.run.log(data, step=record["step"])
+        try:
+            self.run.log(data, step=record["step"])
+        except Exception as e:
+            self._lost(e)
 
-    def close(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)  # a stopped run shows as failed in W&B
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the run; a non-zero exit code marks it failed (or stopped, 128 + signal) in W&B."""
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:
+            self._lost(e)
+        self.run = None
+
+    def _lost(self, e: Exception) -> None:
+        log.warning("W&B stopped working (%s); metrics.jsonl keeps every row; going on without W&B", describe(e))
+        self.run = None

@@ -18,7 +18,10 @@ def random_mlp_lm(vocab: int = 16, d: int = 24, seed: int = 0) -> nn.Module:
 
 
 class NanAt(nn.Module):
-    """Wraps a model; forward calls whose index is in `nan_calls` return NaN logits."""
+    """Wraps a model; training-mode forward calls whose index is in `nan_calls` return NaN logits.
+
+    Eval-mode calls (the trainer's shape probe of a factory's model) are not counted.
+    """
 
     def __init__(self, inner: nn.Module, nan_calls: set[int]):
         super().__init__()
@@ -28,6 +31,8 @@ class NanAt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
+        if not self.training:
+            return out
         if self.calls in self.nan_calls:
             out = out * float("nan")
         self.calls += 1
@@ -54,6 +59,8 @@ class RaiseAt(nn.Module):
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.inner(x)
         if self.calls == self.at_call:
             raise RuntimeError("planted failure on this rank")
         self.calls += 1

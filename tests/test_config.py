@@ -33,7 +33,7 @@ def test_overrides_apply_with_types():
         (["nope.x=1"], "unknown config key 'nope"),
         (["train.max_steps=abc"], "'train.max_steps'"),
         (["train.precision=fp8"], "'train.precision'"),
-        (["clip.max_norm=-1"], "'clip.max_norm': must be > 0"),
+        (["clip.max_norm=-1"], "'clip.max_norm': must be finite and > 0"),
         (["train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
         (["train.global_batch_size=30", "train.grad_accum_steps=4"], "not divisible"),
         (["clip.policy=zscore"], "unknown policy 'zscore'"),
@@ -42,7 +42,7 @@ def test_overrides_apply_with_types():
         (["model.factory=no_colon"], "not of the form"),
         (["optim.lr"], "not of the form key=value"),
         (["dist.backend=nccl", "train.device=cpu"], "'dist.backend': nccl needs CUDA devices"),
-        (["dist.timeout_s=0"], "'dist.timeout_s': must be > 0"),
+        (["dist.timeout_s=0"], "'dist.timeout_s': must be finite, > 0"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragment):

@@ -191,7 +191,7 @@ def test_dist_state_rejects_broken_launcher_env(env, fragment):
 
 # ---- whole jobs under torchrun -------------------------------------------------------
 
-FAST = ["train.max_steps=12", "logging.every=4", "logging.wandb.mode=disabled"]
+FAST = ["train.max_steps=12", "optim.warmup_steps=4", "logging.every=4", "logging.wandb.mode=disabled"]
 
 
 def _env(**extra):

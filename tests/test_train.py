@@ -18,7 +18,7 @@ from tests.wandb_reader import exit_code as wandb_exit_code
 from tests.wandb_reader import history
 
 DEBUG = str(ROOT / "configs/debug.yaml")
-FAST = ["train.max_steps=12", "logging.every=4"]
+FAST = ["train.max_steps=12", "optim.warmup_steps=4", "logging.every=4"]
 
 
 def readme_train_command() -> list[str]:
@@ -103,7 +103,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, no_wand
         (["train", "-c", "missing.yaml"], "config file 'missing.yaml' not found"),
         (["train", "-c", DEBUG, "train.bogus=1"], "unknown config key 'train.bogus'"),
         (["train", "-c", DEBUG, "train.max_steps=ten"], "'train.max_steps'"),
-        (["train", "-c", DEBUG, "clip.max_norm=-0.5"], "'clip.max_norm': must be > 0"),
+        (["train", "-c", DEBUG, "clip.max_norm=-0.5"], "'clip.max_norm': must be finite and > 0"),
         (["train", "-c", DEBUG, "data.text_file=missing.txt"], "'data.text_file': file 'missing.txt' not found"),
         (["train", "--nope"], "unrecognized arguments: --nope"),
         (["plot", "missing_run"], "has no metrics.jsonl"),
@@ -121,7 +121,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, frag
 
 def test_existing_run_is_not_overwritten(tmp_path, no_wandb_env, capsys):
     run = tmp_path / "run"
-    args = ["train", "-c", DEBUG, f"run.out_dir={run}", "train.max_steps=2", "logging.wandb.mode=disabled"]
+    args = ["train", "-c", DEBUG, f"run.out_dir={run}", "train.max_steps=2", "optim.warmup_steps=2", "logging.wandb.mode=disabled"]
     assert main(args) == 0
     before = (run / "metrics.jsonl").read_bytes()
     assert main(args) == 2
@@ -169,7 +169,7 @@ def test_custom_model_factory_example(tmp_path, no_wandb_env, monkeypatch):
 
 def test_plot_command_redraws(tmp_path, no_wandb_env, capsys):
     run = tmp_path / "run"
-    assert main(["train", "-c", DEBUG, f"run.out_dir={run}", "train.max_steps=3", "logging.every=1",
+    assert main(["train", "-c", DEBUG, f"run.out_dir={run}", "train.max_steps=3", "optim.warmup_steps=0", "logging.every=1",
                  "logging.wandb.mode=disabled"]) == 0
     (run / "plot.png").unlink()
     out = tmp_path / "p.png"
