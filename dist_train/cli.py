@@ -159,14 +159,14 @@ class _OneLine(logging.Formatter):
         return f"dist-train: {record.levelname.lower()}: " + " ".join(record.getMessage().split("\n"))
 
 
-def _setup_logging() -> None:
+def _setup_logging(debug: bool) -> None:
     logger = logging.getLogger("dist_train")
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
     if not any(getattr(h, "_dist_train", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_OneLine())
         handler._dist_train = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    _setup_logging()
+    _setup_logging(debug)
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)

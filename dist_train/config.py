@@ -188,14 +188,18 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
 def _unknown_key(key: str) -> str:
     """The unknown-key message, with the nearest valid keys (typos) or the valid choices."""
     keys = all_keys()
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent] if parent else []
+    if siblings:  # a known section: compare the last part only, or every key would match on "train."
+        by_leaf = {k.rpartition(".")[2]: k for k in siblings}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6)]
+    else:
+        sections = list(dict.fromkeys(k.split(".")[0] for k in keys))
+        close = difflib.get_close_matches(key, sections if not parent else keys, n=3, cutoff=0.6)
     if close:
         return f"unknown config key '{key}'; did you mean {' or '.join(repr(k) for k in close)}?"
-    section = key.split(".")[0]
-    in_section = [k for k in keys if k.startswith(section + ".")]
-    if in_section:
-        return f"unknown config key '{key}'; the keys of '{section}' are {', '.join(in_section)}"
-    sections = sorted({k.split(".")[0] for k in keys}, key=[k.split(".")[0] for k in keys].index)
+    if siblings:
+        return f"unknown config key '{key}'; the keys of '{parent}' are {', '.join(k.rpartition('.')[2] for k in siblings)}"
     return f"unknown config key '{key}'; the sections are {', '.join(sections)}"
 
 

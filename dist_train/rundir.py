@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import fcntl
 import fnmatch
+import functools
 import os
 import shutil
 import socket
@@ -89,18 +90,10 @@ class RunDir:
 
     def _check_path(self) -> None:
         p, key = self.path, f"run.out_dir '{self.path}'"
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"{key} is an existing file, not a directory; choose another run.out_dir")
-        existing = p
-        while not existing.exists():
-            if existing.is_symlink():
-                raise UsageError(f"{key}: '{existing}' is a broken symbolic link; choose another run.out_dir")
-            existing = existing.parent
-        if not existing.is_dir():
-            raise UsageError(f"{key} lies under '{existing}', which is a file; choose another run.out_dir")
+        # Lengths first: a name over the limit makes even exists() fail.
         try:
-            name_max = os.pathconf(existing, "PC_NAME_MAX")
-            path_max = os.pathconf(existing, "PC_PATH_MAX")
+            name_max = os.pathconf(p.anchor or ".", "PC_NAME_MAX")
+            path_max = os.pathconf(p.anchor or ".", "PC_PATH_MAX")
         except (OSError, ValueError):
             name_max, path_max = 255, 4096
         for part in p.parts:
@@ -110,6 +103,15 @@ class RunDir:
         if len(os.fsencode(str(p.absolute()))) + LONGEST_INSIDE > path_max:
             raise UsageError(f"run.out_dir is too long ({len(str(p.absolute()))} characters; the files inside "
                              f"must stay under {path_max}); choose a shorter run.out_dir")
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{key} is an existing file, not a directory; choose another run.out_dir")
+        existing = p
+        while not existing.exists():
+            if existing.is_symlink():
+                raise UsageError(f"{key}: '{existing}' is a broken symbolic link; choose another run.out_dir")
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"{key} lies under '{existing}', which is a file; choose another run.out_dir")
         # A real probe, removed at once: as root, os.access says yes to read-only file systems.
         try:
             if p.is_dir():
@@ -221,6 +223,13 @@ class RunDir:
             shutil.rmtree(p)
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """A temporary path beside `target`, renamed onto it on success and removed on failure.
@@ -231,8 +240,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp: Optional[Path] = None
     try:
         fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
-        os.close(fd)
         tmp = Path(name)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run's files from other users
+        os.close(fd)
         yield tmp
         os.replace(tmp, target)
         tmp = None

@@ -277,8 +277,9 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
 
 
 def _finish(steps: list[tuple[str, Callable[[], None]]], primary: Optional[BaseException]) -> None:
-    """Run every teardown step. With an error already on its way out, a failing step
-    only warns (it must not bury the real error); otherwise the first failure is raised."""
+    """Run every teardown step. With an error already on its way out, a failing step is
+    only logged for --debug (most often it failed for the same reason, a full disk, and
+    must not bury the real error); otherwise the first failure is raised."""
     first: Optional[BaseException] = None
     for what, fn in steps:
         try:
@@ -287,7 +288,7 @@ def _finish(steps: list[tuple[str, Callable[[], None]]], primary: Optional[BaseE
             if primary is None and first is None:
                 first = e
             else:
-                log.warning("%s failed too: %s", what, e)
+                log.debug("%s failed too: %s", what, e)
     if first is not None:
         raise first
 

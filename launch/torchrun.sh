@@ -36,19 +36,31 @@ RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 PYTHON="${PYTHON:-python}"
 
+die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
+is_count() { [[ "$1" =~ ^[0-9]+$ ]] && (( 10#$1 >= $2 )); }  # an integer >= $2
+
 case "$COMMAND" in
   train|verify) ;;
-  *) echo "launch/torchrun.sh: COMMAND must be train or verify, got '$COMMAND'" >&2; exit 2 ;;
+  *) die "COMMAND must be train or verify, got '$COMMAND'" ;;
 esac
+is_count "$NNODES" 1 || die "NNODES must be a whole number of nodes >= 1, got '$NNODES'"
+case "$NPROC_PER_NODE" in
+  gpu|cpu|auto) ;;
+  *) is_count "$NPROC_PER_NODE" 1 || die "NPROC_PER_NODE must be a number >= 1 or gpu, cpu, auto; got '$NPROC_PER_NODE'" ;;
+esac
+if [[ -n "$NODE_RANK" ]]; then
+  is_count "$NODE_RANK" 0 && (( 10#$NODE_RANK < 10#$NNODES )) \
+    || die "NODE_RANK must be a whole number from 0 to NNODES-1=$((10#$NNODES - 1)), got '$NODE_RANK'"
+fi
+is_count "$RDZV_TIMEOUT" 1 || die "RDZV_TIMEOUT must be a whole number of seconds >= 1, got '$RDZV_TIMEOUT'"
+is_count "$MAX_RESTARTS" 0 || die "MAX_RESTARTS must be a whole number >= 0, got '$MAX_RESTARTS'"
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter on PATH; set PYTHON to one with dist_train installed"
 
 args=(--nproc_per_node="$NPROC_PER_NODE" --max_restarts="$MAX_RESTARTS")
 if [[ "$NNODES" == 1 && -z "$RDZV_ENDPOINT" ]]; then
   args+=(--standalone)
 else
-  if [[ -z "$RDZV_ENDPOINT" ]]; then
-    echo "launch/torchrun.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (a host every node can reach)" >&2
-    exit 2
-  fi
+  [[ -n "$RDZV_ENDPOINT" ]] || die "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (a host every node can reach)"
   if [[ -n "$NODE_RANK" ]]; then
     # Fixed node ranks: static rendezvous; node 0 hosts the store at RDZV_ENDPOINT.
     args+=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_backend=static
@@ -60,10 +72,29 @@ else
   fi
 fi
 
-rc=0
-"$PYTHON" -m torch.distributed.run "${args[@]}" -m dist_train "$COMMAND" --config "$CONFIG" "$@" || rc=$?
-if [[ $rc -ne 0 ]]; then
-  echo "launch/torchrun.sh: torchrun exited with code $rc; the first failing rank's error is above" \
-       "(a RendezvousTimeoutError means not all $NNODES node(s) reached ${RDZV_ENDPOINT:-the local rendezvous} within RDZV_TIMEOUT=${RDZV_TIMEOUT}s)" >&2
-fi
-exit $rc
+# Check the config once on this node before starting any worker: a bad config is
+# one line and exit 2 here, rather than one error per rank and torchrun's summary.
+"$PYTHON" -m dist_train "$COMMAND" --check --config "$CONFIG" "$@" || exit $?
+
+# torchrun forwards SIGTERM/SIGINT to the workers, which stop after their current
+# optimizer step, and kills them after its grace period (30 s). It runs in the
+# background in its own session so that this script can pass it each signal
+# exactly once (bash would hold a trap until a foreground child ends, and a
+# terminal's Ctrl-C would otherwise reach torchrun twice), then report a stopped
+# job as 128 + signal, like the workers do, rather than torchrun's generic 1.
+detach=(); command -v setsid >/dev/null && detach=(setsid)
+"${detach[@]}" "$PYTHON" -m torch.distributed.run "${args[@]}" -m dist_train "$COMMAND" --config "$CONFIG" "$@" &
+child=$!
+signalled=0
+forward() { signalled=$1; kill -s "$2" "$child" 2>/dev/null || true; }
+trap 'forward 143 TERM' TERM
+trap 'forward 130 INT' INT
+while true; do
+  rc=0
+  wait "$child" || rc=$?
+  # A trapped signal interrupts wait (rc > 128) while torchrun is still stopping the workers.
+  if (( rc > 128 )) && kill -0 "$child" 2>/dev/null; then continue; fi
+  break
+done
+if (( signalled && rc != 0 )); then exit "$signalled"; fi
+exit "$rc"
