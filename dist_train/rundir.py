@@ -252,3 +252,39 @@ def atomic_path(target: Path) -> Iterator[Path]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+class _Recording:
+    """A file wrapper that remembers the OSError of a failed write.
+
+    torch.save reports a failed write (a full disk) as a RuntimeError about a
+    zip-file position; this keeps the real cause so it can be reported.
+    """
+
+    def __init__(self, f):
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: object, target: Path) -> None:
+    """torch.save through atomic_path: whole or absent, and a full disk reported as such."""
+    import torch
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        out = _Recording(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as e:
+            if out.error is None:
+                raise
+            raise out.error from e

@@ -24,7 +24,7 @@ from dist_train.errors import ConfigError, Stopped, TrainingError, signal_name
 from dist_train.metrics import JsonlSink, Sink, Window, make_record
 from dist_train.model import build_model, check_model_output
 from dist_train.progress import ProgressReporter, hms
-from dist_train.rundir import RunDir, atomic_path
+from dist_train.rundir import RunDir, torch_save
 from dist_train.signals import StopSignal
 from dist_train.step import Amp, GradSync, LocalGradSync, StepMetrics, train_step
 
@@ -146,8 +146,7 @@ def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None
         "vocab": s.dataset.itos,
         "config": C.to_dict(s.cfg),
     }
-    with atomic_path(path) as tmp:  # never a half-written checkpoint, never a temporary file left
-        torch.save(state, tmp)
+    torch_save(state, path)  # never a half-written checkpoint, never a temporary file left
 
 
 @dataclass

@@ -85,3 +85,11 @@ class WandbSink:
     def _lost(self, e: Exception) -> None:
         log.warning("W&B stopped working (%s); metrics.jsonl keeps every row; going on without W&B", describe(e))
         self.run = None
+        try:
+            import wandb
+
+            # Drops wandb's exit hook first, which would otherwise print a traceback
+            # at interpreter exit while trying to reach the lost service again.
+            wandb.teardown()
+        except Exception:
+            pass  # the service is gone: that is what it reports

@@ -76,25 +76,8 @@ fi
 # one line and exit 2 here, rather than one error per rank and torchrun's summary.
 "$PYTHON" -m dist_train "$COMMAND" --check --config "$CONFIG" "$@" || exit $?
 
-# torchrun forwards SIGTERM/SIGINT to the workers, which stop after their current
-# optimizer step, and kills them after its grace period (30 s). It runs in the
-# background in its own session so that this script can pass it each signal
-# exactly once (bash would hold a trap until a foreground child ends, and a
-# terminal's Ctrl-C would otherwise reach torchrun twice), then report a stopped
-# job as 128 + signal, like the workers do, rather than torchrun's generic 1.
-detach=(); command -v setsid >/dev/null && detach=(setsid)
-"${detach[@]}" "$PYTHON" -m torch.distributed.run "${args[@]}" -m dist_train "$COMMAND" --config "$CONFIG" "$@" &
-child=$!
-signalled=0
-forward() { signalled=$1; kill -s "$2" "$child" 2>/dev/null || true; }
-trap 'forward 143 TERM' TERM
-trap 'forward 130 INT' INT
-while true; do
-  rc=0
-  wait "$child" || rc=$?
-  # A trapped signal interrupts wait (rc > 128) while torchrun is still stopping the workers.
-  if (( rc > 128 )) && kill -0 "$child" 2>/dev/null; then continue; fi
-  break
-done
-if (( signalled && rc != 0 )); then exit "$signalled"; fi
-exit "$rc"
+# exec: torchrun receives scancel's, a time limit's or Ctrl-C's signal itself and
+# forwards it to the workers, which stop after their current optimizer step; the
+# job then exits with 128 + signal (dist_train.torchrun is torchrun, minus the
+# traceback it prints when it stops on a signal).
+exec "$PYTHON" -m dist_train.torchrun "${args[@]}" -m dist_train "$COMMAND" --config "$CONFIG" "$@"

@@ -65,3 +65,27 @@ class RaiseAt(nn.Module):
             raise RuntimeError("planted failure on this rank")
         self.calls += 1
         return self.inner(x)
+
+
+def slow_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory: TinyGPT whose training forward takes SLOW_S seconds (time to send two signals)."""
+    return SlowAt(TinyGPT(cfg, vocab_size), float(os.environ.get("SLOW_S", "0.5")))
+
+
+class SlowAt(nn.Module):
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner = inner
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            import time
+
+            time.sleep(self.seconds)
+        return self.inner(x)
+
+
+def fail_at_first_step(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory: the first training forward raises (a run that fails before logging anything)."""
+    return RaiseAt(TinyGPT(cfg, vocab_size), at_call=0)
