@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dist_train.errors import ConfigError, describe
+from dist_train.errors import ConfigError, describe, first_line
 
 
 class Device(str, enum.Enum):
@@ -254,8 +254,9 @@ def _load_yaml(path: str | os.PathLike) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except Exception as e:  # YAML syntax errors come from the yaml library
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and problem else first_line(e)
+        raise ConfigError(f"config file '{path}' is not valid YAML: {where}") from None
     if not isinstance(layer, DictConfig):
         kind = "a list" if isinstance(layer, ListConfig) else type(layer).__name__
         raise ConfigError(

@@ -121,8 +121,8 @@ class RunDir:
             else:
                 os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=existing))
         except OSError as e:
-            raise UsageError(f"{key} cannot be written ({e.strerror or e}, in '{existing}'); choose a directory "
-                             "you can write to") from None
+            raise UsageError(f"{key} cannot be created: writing a test entry in '{existing}' failed "
+                             f"({e.strerror or e}); choose a directory you can write to") from None
 
     def _check_contents(self, overwrite: bool, locked_by_us: bool) -> None:
         p = self.path

@@ -1,0 +1,389 @@
+"""Bad input, table-driven, through the real CLI (and launch/torchrun.sh) as subprocesses.
+
+Every case runs in its own fresh working directory and must end with its exit
+code (2 bad input, 1 found only while training), exactly one line on stderr
+naming what is wrong, no traceback, and nothing written: the directory holds
+exactly the fixture files the case created itself.
+
+All subprocesses run once, concurrently, in a module-scoped fixture; the
+parametrized tests then only assert.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from tests.conftest import ROOT
+
+CONFIG = str(ROOT / "configs/debug.yaml")
+LAUNCH = str(ROOT / "launch/torchrun.sh")
+SMALL = ["train.max_steps=3", "optim.warmup_steps=0"]
+TRAIN = ["train", "--config", CONFIG, "run.out_dir=out", "logging.wandb.mode=disabled", *SMALL]
+ERROR = "dist-train: error:"
+LAUNCH_ERROR = "launch/torchrun.sh:"
+#: Launcher variables stripped from every case's environment (a case sets what it needs).
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "NODE_RANK")
+#: Settings of launch/torchrun.sh stripped from every case's environment.
+LAUNCH_VARS = ("CONFIG", "COMMAND", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_TIMEOUT",
+               "MAX_RESTARTS", "PYTHON")
+TIMEOUT = 60  # a case that hangs (a FIFO opened for reading) fails after this
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    """Arguments of `python -m dist_train` (of launch/torchrun.sh with launch=True); '{d}' is the case dir."""
+    fragment: str = ""
+    """Must appear in the error line (unused by positive controls)."""
+    code: int = 2
+    files: dict[str, Optional[str | bytes]] = field(default_factory=dict)
+    """Fixture files to create: text, bytes, a directory (None), or a FIFO ('<fifo>')."""
+    env: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()
+    launch: bool = False
+    forbid: tuple[str, ...] = ()
+    """Fragments the error line must not hold."""
+    traceback: bool = False
+    """--debug: a traceback is expected; the last stderr line is the error line."""
+    during_training: bool = False
+    """Found only once training runs (exit 1): the run's startup lines may come before the error line."""
+    control: Optional[Callable[[Path, subprocess.CompletedProcess], None]] = None
+    """A positive control: exit `code`, then this check instead of the one-line rule."""
+    fragment_from_cli: bool = False
+    """A launch case whose error comes from dist-train (the script's config check), not from the script."""
+
+    @property
+    def prefix(self) -> str:
+        return LAUNCH_ERROR if self.launch and not self.fragment_from_cli else ERROR
+
+
+FIFO = "<fifo>"
+DIR = None
+
+
+def factory(body: str) -> dict[str, str]:
+    """A module `my_factory.py` in the case directory: torch imports plus `body`."""
+    return {"my_factory.py": "import torch\nimport torch.nn as nn\n\n" + body}
+
+
+def model_module(forward: str, extra: str = "") -> dict[str, str]:
+    """A factory `build` whose model's forward(idx) runs `forward` (vocab size in self.v)."""
+    return factory(
+        "class M(nn.Module):\n"
+        "    def __init__(self, cfg, vocab_size):\n"
+        "        super().__init__()\n"
+        "        self.v = vocab_size\n"
+        "        self.emb = nn.Embedding(vocab_size, 8)\n"
+        "        self.head = nn.Linear(8, vocab_size)\n"
+        "    def forward(self, idx):\n"
+        f"        {forward}\n"
+        f"{extra}\n"
+        "def build(cfg, vocab_size):\n"
+        "    return M(cfg, vocab_size)\n"
+    )
+
+
+def with_factory(spec: str = "my_factory:build") -> list[str]:
+    return [*TRAIN, f"model.factory={spec}"]
+
+
+RECORD = '{"step": %d, "train/loss": 1.0, "grad_norm/raw": 2.0, "grad_norm/clipped": 1.0, ' \
+         '"grad_norm/clip_coef": 0.5, "grad_norm/threshold": 1.0, "optim/step_skipped": 0}'
+NULL_RECORD = '{"step": %d, "train/loss": 1.0, "grad_norm/raw": null, "grad_norm/clipped": null, ' \
+              '"grad_norm/clip_coef": null, "grad_norm/threshold": null, "optim/step_skipped": 1}'
+GOOD_LINES = "".join(RECORD % s + "\n" for s in (1, 2))
+
+
+def launch(*overrides: str, **env: str) -> dict:
+    """A launch/torchrun.sh case: absolute run.out_dir under the case dir, the given settings."""
+    return dict(args=["run.out_dir={d}/out", "logging.wandb.mode=disabled", *SMALL, *overrides], env=env,
+                launch=True)
+
+
+# ---- positive controls --------------------------------------------------------------------------------
+def _config_ok(d: Path, p: subprocess.CompletedProcess) -> None:
+    assert "config OK" in p.stderr
+    assert not (d / "out").exists()  # --check writes nothing
+
+
+def _trained(d: Path, p: subprocess.CompletedProcess) -> None:
+    lines = (d / "out" / "metrics.jsonl").read_text().splitlines()  # json, not read_jsonl: no torch import here
+    assert lines and json.loads(lines[-1])["step"] == 3, p.stderr
+
+
+def _plotted(warning: Optional[str]) -> Callable[[Path, subprocess.CompletedProcess], None]:
+    def check(d: Path, p: subprocess.CompletedProcess) -> None:
+        png = d / "run" / "plot.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert p.stdout.strip() == str(Path("run") / "plot.png")
+        lines = p.stderr.splitlines()
+        if warning is None:
+            assert lines == [], p.stderr
+        else:
+            assert len(lines) == 1 and lines[0].startswith("dist-train: warning:") and warning in lines[0], p.stderr
+        assert "Traceback" not in p.stdout + p.stderr
+
+    return check
+
+
+CASES = [
+    # ---- model.factory ------------------------------------------------------------------------
+    Case("factory_raises", with_factory(), "raised RuntimeError: boom",
+         files=factory("def build(cfg, vocab_size):\n    raise RuntimeError('boom')\n")),
+    Case("factory_returns_int", with_factory(), "returned int, not a torch.nn.Module",
+         files=factory("def build(cfg, vocab_size):\n    return 3\n")),
+    Case("factory_returns_class", with_factory(), "returned the class M, not an instance",
+         files=factory("class M(nn.Module):\n    pass\n\ndef build(cfg, vocab_size):\n    return M\n")),
+    Case("factory_no_arguments", with_factory(), "raised TypeError",
+         files=factory("def build():\n    return nn.Linear(2, 2)\n")),
+    Case("factory_output_2d", with_factory(), "to shape (2, 32); expected (2, 32, V)",
+         files=model_module("return self.head(self.emb(idx)).sum(-1)")),
+    Case("factory_output_vocab_too_small", with_factory(), "to shape (2, 32, 16)",
+         files=model_module("return self.head(self.emb(idx))[..., :16]")),
+    Case("factory_output_tuple", with_factory(), "returned tuple for a (2, 32) batch",
+         files=model_module("return self.head(self.emb(idx)), None")),
+    Case("factory_syntax_error", with_factory(), "module 'my_factory' has a syntax error",
+         files={"my_factory.py": "def build(cfg, vocab_size)\n    return None\n"}),
+    Case("factory_import_raises", with_factory(), "importing module 'my_factory' raised ValueError: at import",
+         files={"my_factory.py": "raise ValueError('at import')\n"}),
+    Case("factory_module_missing", with_factory("no_such_module_xyz:build"),
+         "cannot import module 'no_such_module_xyz'"),
+    Case("factory_spec_without_colon", with_factory("my_factory.build"),
+         "is not of the form 'package.module:function'"),
+    Case("factory_attribute_missing", with_factory("my_factory:nope"), "module 'my_factory' has no callable 'nope'",
+         files=factory("def build(cfg, vocab_size):\n    return None\n")),
+    # Found only while training: the model fails in train mode, after the output check passed (eval mode).
+    Case("factory_fails_while_training", with_factory(), "fails in training mode", code=1, during_training=True,
+         files=model_module("if self.training:\n            raise RuntimeError('fails in training mode')\n"
+                            "        return self.head(self.emb(idx))")),
+    # ---- run.out_dir ----------------------------------------------------------------------------
+    Case("out_dir_is_file", [*TRAIN, "run.out_dir=out"], "is an existing file, not a directory",
+         files={"out": "x"}),
+    Case("out_dir_under_file", [*TRAIN, "run.out_dir=f/sub/run"], "lies under 'f', which is a file",
+         files={"f": "x"}),
+    Case("out_dir_unwritable", [*TRAIN, "run.out_dir=/proc/dist_train_test"], "cannot be created"),
+    Case("out_dir_name_too_long", [*TRAIN, "run.out_dir=" + "n" * 300], "name of 300 characters"),
+    Case("out_dir_path_too_long", [*TRAIN, "run.out_dir=" + "/".join(["p" * 200] * 25)], "run.out_dir is too long"),
+    # ---- W&B ------------------------------------------------------------------------------------------
+    Case("wandb_online_without_key", [*TRAIN, "logging.wandb.mode=online"], "online needs a W&B API key",
+         env={"HOME": "{d}"}, unset=("NETRC",)),
+    # ---- numbers --------------------------------------------------------------------------------------
+    Case("lr_inf", [*TRAIN, "optim.lr=inf"], "'optim.lr': must be finite"),
+    Case("lr_nan", [*TRAIN, "optim.lr=nan"], "'optim.lr': must be finite"),
+    Case("lr_negative", [*TRAIN, "optim.lr=-1"], "'optim.lr': must be finite and > 0"),
+    Case("clip_eps_inf", [*TRAIN, "clip.eps=inf"], "'clip.eps'"),
+    Case("clip_max_norm_inf", [*TRAIN, "clip.max_norm=inf"], "'clip.max_norm'"),
+    Case("seed_float_1e23", [*TRAIN, "train.seed=1e23"], "'train.seed'"),
+    Case("seed_int_1e23", [*TRAIN, "train.seed=100000000000000000000000"], "'train.seed'"),
+    Case("num_samples_float_1e10", [*TRAIN, "data.num_samples=1e10"], "'data.num_samples'"),
+    Case("num_samples_int_1e10", [*TRAIN, "data.num_samples=10000000000"], "'data.num_samples'"),
+    Case("d_model_huge", [*TRAIN, "model.d_model=400000"], "'model.d_model'"),
+    Case("timeout_inf", [*TRAIN, "dist.timeout_s=inf"], "'dist.timeout_s'"),
+    Case("warmup_longer_than_run", [*TRAIN, "optim.warmup_steps=500", "train.max_steps=300"],
+         "'optim.warmup_steps': 500 is more than train.max_steps=300"),
+    Case("global_batch_zero", [*TRAIN, "train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
+    Case("max_steps_not_a_number", [*TRAIN, "train.max_steps=ten"], "'train.max_steps'"),
+    # ---- launcher environment ------------------------------------------------------------------------
+    Case("master_port_not_a_number", TRAIN, "MASTER_PORT='abc'",
+         env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"}),
+    Case("rank_not_a_number", TRAIN, "RANK='x' is not an integer",
+         env={"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}),
+    Case("world_size_missing", TRAIN, "WORLD_SIZE is not set", env={"RANK": "0"}),
+    # ---- config files -------------------------------------------------------------------------------
+    Case("config_is_a_list", ["train", "--config", "c.yaml", "run.out_dir=out"], "not a list",
+         files={"c.yaml": "- train\n- optim\n"}),
+    Case("config_invalid_yaml", ["train", "--config", "c.yaml", "run.out_dir=out"], "'c.yaml' is not valid YAML",
+         files={"c.yaml": "train: {max_steps: 3\noptim: [\n"}),
+    Case("config_is_a_directory", ["train", "--config", "c", "run.out_dir=out"], "'c' is a directory",
+         files={"c": DIR}),
+    Case("config_is_a_fifo", ["train", "--config", "c.yaml", "run.out_dir=out"], "'c.yaml' is not a regular file",
+         files={"c.yaml": FIFO}),
+    Case("config_missing", ["train", "--config", "missing.yaml", "run.out_dir=out"], "'missing.yaml' not found"),
+    Case("config_not_utf8", ["train", "--config", "c.yaml", "run.out_dir=out"], "'c.yaml' is not UTF-8",
+         files={"c.yaml": b"train:\n  max_steps: 3 # \xff\xfe caf\xe9\n"}),
+    Case("unknown_key", ["train", "run.out_dir=out", "logging.wandb.mode=disabled", "train.max_stepz=3"],
+         "did you mean 'train.max_steps'", forbid=("debug.yaml",)),
+    Case("text_file_is_a_directory", [*TRAIN, "data.text_file=t"], "'t' is a directory", files={"t": DIR}),
+    Case("text_file_is_a_fifo", [*TRAIN, "data.text_file=t.txt"], "'t.txt' is not a regular file",
+         files={"t.txt": FIFO}),
+    Case("text_file_missing", [*TRAIN, "data.text_file=missing.txt"], "'missing.txt' not found"),
+    Case("text_file_not_utf8", [*TRAIN, "data.text_file=t.txt"], "'t.txt' is not UTF-8 text",
+         files={"t.txt": b"hello world, " * 10 + b"\xff\xfe" + b"more text " * 10}),
+    Case("text_file_too_short", [*TRAIN, "data.text_file=t.txt"], "fewer than model.block_size+1=33",
+         files={"t.txt": "too short\n"}),
+    # ---- arguments ------------------------------------------------------------------------------------
+    Case("unknown_flag", ["train", "--bogus", "run.out_dir=out"], "unrecognized arguments: --bogus"),
+    Case("verify_zero_steps", ["verify", "--config", CONFIG, "--steps", "0"], "--steps must be >= 1"),
+    Case("verify_single_process", ["verify", "--config", CONFIG, "--steps", "1", "logging.wandb.mode=disabled"],
+         "needs at least 2 ranks"),
+    Case("debug_after_subcommand", ["train", "--debug", "--config", "missing.yaml", "run.out_dir=out"],
+         "'missing.yaml' not found", traceback=True),
+    # ---- plot -------------------------------------------------------------------------------------------
+    Case("plot_non_object_line", ["plot", "run"], "line 2 is not a metrics record",
+         files={"run/metrics.jsonl": RECORD % 1 + "\n[1,2]\n"}),
+    Case("plot_line_without_step", ["plot", "run"], "line 2 is not a metrics record",
+         files={"run/metrics.jsonl": RECORD % 1 + '\n{"train/loss": 1.0}\n'}),
+    Case("plot_invalid_json_in_middle", ["plot", "run"], "line 2 is not valid JSON",
+         files={"run/metrics.jsonl": RECORD % 1 + "\n{not json\n" + RECORD % 3 + "\n"}),
+    Case("plot_out_in_missing_directory", ["plot", "run", "--out", "nowhere/p.png"], "'nowhere' does not exist",
+         files={"run/metrics.jsonl": GOOD_LINES}),
+    Case("plot_without_metrics", ["plot", "run"], "has no metrics.jsonl", files={"run": DIR}),
+    # ---- launch/torchrun.sh -----------------------------------------------------------------------------
+    Case("launch_nproc_abc", fragment="NPROC_PER_NODE must be a number >= 1", **launch(NPROC_PER_NODE="abc")),
+    Case("launch_nproc_zero", fragment="NPROC_PER_NODE must be a number >= 1", **launch(NPROC_PER_NODE="0")),
+    Case("launch_nnodes_abc", fragment="NNODES must be a whole number", **launch(NNODES="abc")),
+    Case("launch_nnodes_zero", fragment="NNODES must be a whole number", **launch(NNODES="0")),
+    Case("launch_rdzv_timeout_abc", fragment="RDZV_TIMEOUT must be a whole number",
+         **launch(RDZV_TIMEOUT="abc", NPROC_PER_NODE="2")),
+    Case("launch_max_restarts_negative", fragment="MAX_RESTARTS must be a whole number >= 0",
+         **launch(MAX_RESTARTS="-1", NPROC_PER_NODE="2")),
+    Case("launch_bad_override", fragment="unknown config key 'train.bogus'", fragment_from_cli=True,
+         **launch("train.bogus=1", NPROC_PER_NODE="2")),
+    # ---- positive controls ----------------------------------------------------------------------------
+    Case("ok_precision_no", ["train", "--check", "--config", CONFIG, "run.out_dir=out", "train.precision=no"],
+         code=0, control=_config_ok),
+    Case("ok_precision_fp32", ["train", "--check", "--config", CONFIG, "run.out_dir=out", "train.precision=fp32"],
+         code=0, control=_config_ok),
+    Case("ok_factory_padded_vocab", with_factory(), code=0, control=_trained,
+         files=factory("class M(nn.Module):\n"
+                       "    def __init__(self, v):\n"
+                       "        super().__init__()\n"
+                       "        self.emb = nn.Embedding(v, 8)\n"
+                       "        self.head = nn.Linear(8, v)\n"
+                       "    def forward(self, idx):\n"
+                       "        return self.head(self.emb(idx))\n\n"
+                       "def build(cfg, vocab_size):\n"
+                       "    assert vocab_size == 32\n"
+                       "    return M(40)\n")),
+    Case("ok_plot_truncated_last_line", ["plot", "run"], code=0, control=_plotted("incomplete line"),
+         files={"run/metrics.jsonl": GOOD_LINES + RECORD[:30]}),
+    Case("ok_plot_null_norms", ["plot", "run"], code=0, control=_plotted(None),
+         files={"run/metrics.jsonl": "".join(NULL_RECORD % s + "\n" for s in (1, 2, 3))}),
+]
+BAD = [c for c in CASES if c.control is None]
+GOOD = [c for c in CASES if c.control is not None]
+
+
+def _make(d: Path, files: dict) -> None:
+    for rel, content in files.items():
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if content is DIR:
+            p.mkdir()
+        elif content == FIFO:
+            os.mkfifo(p)
+        elif isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+
+
+def listing(d: Path) -> list[str]:
+    """Every path under `d`, recursively, relative and sorted (a directory ends in '/')."""
+    return sorted(str(p.relative_to(d)) + ("/" if p.is_dir() and not p.is_symlink() else "")
+                  for p in d.rglob("*"))
+
+
+@dataclass
+class Result:
+    dir: Path
+    before: list[str]
+    after: list[str]
+    proc: subprocess.CompletedProcess
+    seconds: float
+
+
+def _run(case: Case, base: Path) -> Result:
+    d = base / case.name
+    d.mkdir()
+    _make(d, case.files)
+    before = listing(d)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("WANDB_") and k not in LAUNCHER_VARS + LAUNCH_VARS + case.unset}
+    # Bytecode of an imported factory module would land in the case dir; that is Python's, not ours.
+    env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
+    env.update({k: v.format(d=d) for k, v in case.env.items()})
+    args = [a.format(d=d) for a in case.args]
+    if case.launch:
+        env["PYTHON"] = sys.executable
+        cmd = ["bash", LAUNCH, *args]
+    else:
+        cmd = [sys.executable, "-m", "dist_train", *args]
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:  # a hang (a FIFO opened for reading) is a failure, not a stuck suite
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        proc = subprocess.CompletedProcess(cmd, None, out, err + f"\n<timed out after {TIMEOUT} s>")
+    return Result(d, before, listing(d), proc, time.monotonic() - t0)
+
+
+@pytest.fixture(scope="module")
+def results(request):
+    """Every selected case's result, by name; the subprocesses run 4 at a time."""
+    # Only the cases whose tests were collected (-k), so that one case can be rerun on its own.
+    selected = {item.callspec.params["case"].name for item in request.session.items
+                if isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("case"), Case)}
+    # The few that train (and import far more) first, so that they do not trail at the end.
+    wanted = sorted((c for c in CASES if c.name in selected), key=lambda c: c.code != 1 and c.control is None)
+    with tempfile.TemporaryDirectory(prefix="dist_train_bad_input_") as tmp:
+        base = Path(tmp)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {c.name: pool.submit(_run, c, base) for c in wanted}
+            yield {name: f.result() for name, f in futures.items()}
+
+
+def _shown(r: Result) -> str:
+    return f"exit {r.proc.returncode}\n--- stdout\n{r.proc.stdout}--- stderr\n{r.proc.stderr}"
+
+
+def test_at_least_45_bad_inputs():
+    assert len(BAD) >= 45
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c.name for c in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(case: Case, results):
+    r = results[case.name]
+    p, shown = r.proc, _shown(r)
+    assert p.returncode == case.code, shown
+    lines = p.stderr.splitlines()
+    if case.traceback:
+        assert "Traceback" in p.stderr, shown
+        assert [line for line in lines if line.startswith(ERROR)] == [lines[-1]], shown
+        line = lines[-1]
+    elif case.during_training:
+        assert [line for line in lines if line.startswith(ERROR)] == [lines[-1]], shown
+        assert all(line.startswith("dist-train: ") for line in lines), shown
+        assert "Traceback" not in p.stdout + p.stderr, shown
+        line = lines[-1]
+    else:
+        assert len(lines) == 1, shown
+        line = lines[0]
+        assert "Traceback" not in p.stdout + p.stderr, shown
+    assert line.startswith(case.prefix) and line[len(case.prefix):].strip(), shown
+    assert case.fragment in line, shown
+    for bad in case.forbid:
+        assert bad not in line, shown
+    assert r.after == r.before, shown
+
+
+@pytest.mark.parametrize("case", GOOD, ids=[c.name for c in GOOD])
+def test_positive_control(case: Case, results):
+    r = results[case.name]
+    assert r.proc.returncode == case.code, _shown(r)
+    case.control(r.dir, r.proc)
