@@ -58,7 +58,7 @@ class ProgressReporter:
 
             self.bar = tqdm(
                 total=total, file=self.stream, dynamic_ncols=True, unit="step",
-                bar_format="{n_fmt}/{total_fmt} {bar} {elapsed}<{remaining} {postfix}",
+                bar_format="{n_fmt}/{total_fmt} {bar} {elapsed}<{remaining}{postfix}",
             )
 
     def eta(self, step: int) -> float:

@@ -81,3 +81,52 @@ def test_wandb_online_with_a_key_in_netrc(clean_home):
 def test_explicit_wandb_mode_wins(clean_home, monkeypatch, mode):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_mode(mode) == mode.value
+
+
+BAR_SCRIPT = """
+import sys
+from dist_train.config import Progress
+from dist_train.progress import ProgressReporter
+p = ProgressReporter(Progress.auto, total=300, stream=sys.stderr)
+rec = {"step": 10, "train/loss": 2.901234, "grad_norm/raw": 1.247001, "grad_norm/clipped": 1.0,
+       "grad_norm/clipped_frac": 0.9, "optim/lr": 0.0015, "optim/skipped_steps": 0, "perf/samples_per_sec": 3310.25}
+for i in range(150):
+    p.step(rec if i % 10 == 9 else None)
+p.close()
+"""
+
+
+def test_progress_bar_stays_a_bar_at_80_columns():
+    """On a real terminal 80 columns wide: one line of at most 80 columns, the bar at least 20 wide."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.conftest import ROOT
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    p = subprocess.Popen([sys.executable, "-c", BAR_SCRIPT], stdin=follower, stdout=follower, stderr=follower,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, close_fds=True)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=60) == 0
+    os.close(leader)
+    frames = [f for f in re.split(r"[\r\n]", out.decode("utf-8", "replace")) if f.strip()]
+    last = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", frames[-1])
+    assert last.startswith("150/300 ") and last.rstrip().endswith("loss 2.901 raw 1.247 clipped 1"), last
+    assert len(last) <= 80, last
+    bar = last.split(" ", 1)[1].split(" 00:")[0]
+    assert len(bar) >= 20, last  # the bar did not collapse to one character
