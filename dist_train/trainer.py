@@ -336,11 +336,8 @@ def train(
                 steps.append(("drawing the plot", lambda: plot_run(run_dir.path)))
             steps.append(("releasing the run directory", lambda: run_dir.finish(discard=code != 0 and not logged)))
             _finish(steps, primary)
-    if outcome.stopped_by is not None:
-        where = (f"after step {outcome.steps_done} of {cfg.train.max_steps}" if outcome.steps_done
-                 else "before the first step")
-        kept = (f"metrics.jsonl and the plot in {run_dir.path} hold every logged step" if out is None or out.jsonl.rows
-                else "nothing was logged, so the run directory was removed")
-        raise Stopped(f"{signal_name(outcome.stopped_by)} received; stopped {where} "
-                      f"({hms(time.monotonic() - t0)} elapsed); {kept}", outcome.stopped_by)
+    if outcome.stopped_by is not None:  # the step it stopped after is always logged
+        raise Stopped(f"{signal_name(outcome.stopped_by)} received; stopped after step {outcome.steps_done} of "
+                      f"{cfg.train.max_steps} ({hms(time.monotonic() - t0)} elapsed); metrics.jsonl and the plot "
+                      f"in {run_dir.path} hold every logged step", outcome.stopped_by)
     return run_dir.path
