@@ -214,14 +214,12 @@ class StopVote:
         """Call once per optimizer step on every rank; True: stop after this step."""
         if not self._active:
             return local
-        decided = False
         if self._pending is not None:
             work, flag = self._pending
-            work.wait()
-            decided = bool(flag.item())  # a CPU tensor: no device sync
             self._pending = None
-        if decided:
-            return True
+            work.wait()
+            if flag.item():  # a CPU tensor: no device sync
+                return True
         flag = torch.tensor([int(local)], dtype=torch.int32)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, flag)

@@ -82,7 +82,7 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
-def io_error(path: str | os.PathLike, exc: OSError, doing: str = "write") -> TrainingError:
+def io_error(path: str | os.PathLike, exc: OSError) -> TrainingError:
     """One line for an OSError on `path`, with a hint for the common causes."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     hint = {
@@ -91,7 +91,7 @@ def io_error(path: str | os.PathLike, exc: OSError, doing: str = "write") -> Tra
         errno.EROFS: "; the file system is read-only",
         errno.EACCES: "; check the permissions",
     }.get(exc.errno, "")
-    return TrainingError(f"could not {doing} '{path}': {reason}{hint}")
+    return TrainingError(f"could not write '{path}': {reason}{hint}")
 
 
 @contextlib.contextmanager

@@ -196,9 +196,9 @@ class RunDir:
             self._written.append(name)
 
     def finish(self, discard: bool) -> None:
-        """Release the lock; with `discard`, first remove everything this run wrote."""
+        """Release the lock; with `discard`, first remove everything this run wrote (and nothing else)."""
         if discard:
-            for name in (*self._written, WANDB):
+            for name in self._written:
                 with contextlib.suppress(OSError):
                     self._remove(self.path / name)
             if self._created is not None:

@@ -156,8 +156,7 @@ class Outputs:
     run_dir: RunDir
     jsonl: JsonlSink
     sinks: list[Sink]
-    wandb_sync_dir: Optional[Path] = None
-    wandb_url: Optional[str] = None
+    wandb: Optional[Any] = None  # the WandbSink, when W&B is not disabled
 
 
 def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir) -> Outputs:
@@ -176,10 +175,10 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir) -> Outputs:
         if cfg.logging.wandb.mode != C.WandbMode.disabled:
             from dist_train.wandb_sink import WandbSink
 
-            wb = WandbSink(cfg.logging.wandb, run_dir.path, cfg.run.name or run_dir.path.resolve().name,
-                           C.to_dict(cfg))
-            out.sinks.append(wb)
-            out.wandb_sync_dir, out.wandb_url = wb.sync_dir, wb.url
+            run_dir.wrote("wandb")
+            out.wandb = WandbSink(cfg.logging.wandb, run_dir.path, cfg.run.name or run_dir.path.resolve().name,
+                                  C.to_dict(cfg))
+            out.sinks.append(out.wandb)
         return out
     except BaseException:
         run_dir.finish(discard=True)
@@ -199,18 +198,17 @@ def startup_summary(s: Setup, out: Outputs) -> list[str]:
     ]
     if s.device.type == "cpu" and cfg.train.precision != C.Precision.no:
         lines.append("dist-train: note: autocast on a CPU is often slower than fp32 (about 2x for the debug model)")
-    if out.wandb_sync_dir is not None:
-        lines.append(f"dist-train: W&B offline; upload later with: wandb sync {out.wandb_sync_dir}")
-    elif out.wandb_url:
-        lines.append(f"dist-train: W&B online: {out.wandb_url}")
-    elif len(out.sinks) == 1:
+    if out.wandb is None:
         lines.append("dist-train: W&B disabled")
+    elif out.wandb.sync_dir is not None:
+        lines.append(f"dist-train: W&B offline; upload later with: wandb sync {out.wandb.sync_dir}")
+    else:
+        lines.append(f"dist-train: W&B online: {out.wandb.url}")
     return lines
 
 
 @dataclass
 class Outcome:
-    last: dict[str, Any]
     steps_done: int
     skipped_total: int
     stopped_by: Optional[int] = None  # the signal that stopped the run early
@@ -222,7 +220,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     t = cfg.train
     window = Window(s.device)
     vote = s.dist.stop_vote()
-    out = Outcome(last={}, steps_done=0, skipped_total=0)
+    out = Outcome(steps_done=0, skipped_total=0)
     consecutive = 0
     s.model.train()
     for step in range(t.max_steps):
@@ -252,7 +250,6 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
                 )
                 for sink in sinks:
                     sink.log(record)
-                out.last = record
             window.reset()
         if m.skipped:
             progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")

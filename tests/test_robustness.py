@@ -290,3 +290,19 @@ def test_a_run_that_fails_before_its_first_logged_step_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()  # the directories it created are gone too
     p = train([f"run.out_dir={run}", "train.max_steps=3", "optim.warmup_steps=0", "logging.wandb.mode=disabled"])
     assert p.returncode == 0, p.stderr  # a plain rerun is not blocked
+
+
+def test_a_run_losing_the_race_for_a_directory_removes_nothing_of_the_winner(tmp_path, monkeypatch):
+    from dist_train.errors import UsageError
+    from dist_train.rundir import RunDir
+
+    run = tmp_path / "run"
+    loser = RunDir(run)
+    loser.check(overwrite=False)  # nothing there yet
+    # Another run takes the directory between this run's check and its lock.
+    (run / "wandb" / "offline-run-x").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    monkeypatch.setattr(RunDir, "check", lambda self, overwrite: None)  # as it passed a moment ago
+    with pytest.raises(UsageError, match="already holds a run"):
+        loser.open(overwrite=False)  # found again under the lock
+    assert (run / "wandb" / "offline-run-x").is_dir() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
