@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_train.clip import FixedClip
 from dist_train.config import ModelConfig
 from dist_train.data import split_for_rank, synthetic_dataset
-from dist_train.ddp import DDPGradSync
+from dist_train.strategies.ddp import DDPStrategy
 from dist_train.model import TinyGPT
-from dist_train.step import lm_loss, train_step
+from dist_train.step import Amp, lm_loss, train_step
 
 MAX_NORM = 1.0
 
@@ -56,10 +56,11 @@ def _worker(rank: int, args, port: int) -> None:
     def arm(kind):
         model = DDP(copy.deepcopy(base), device_ids=[rank] if cuda else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        policy, sync, i = FixedClip(MAX_NORM), DDPGradSync(), [0]
+        policy, i = FixedClip(MAX_NORM), [0]
+        sync = DDPStrategy(None, device, Amp())
 
         def package():
-            train_step(model, opt, [batches[i[0] % 32]], policy, grad_sync=sync)
+            train_step(model, opt, [batches[i[0] % 32]], policy, strategy=sync)
             i[0] += 1
 
         def bare():

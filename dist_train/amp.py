@@ -7,7 +7,7 @@ import functools
 import torch
 
 from dist_train.config import Device, Precision
-from dist_train.step import Amp
+from dist_train.strategies.base import Amp
 
 
 def pick_device(choice: Device, local_rank: int = 0) -> torch.device:
@@ -18,7 +18,7 @@ def pick_device(choice: Device, local_rank: int = 0) -> torch.device:
 
 def build_amp(precision: Precision, device: torch.device) -> Amp:
     """bf16: autocast only. fp16: autocast + GradScaler (gradients unscaled before the norm)."""
-    if precision == Precision.no:
+    if precision in (Precision.no, Precision.auto):
         return Amp()
     dtype = torch.bfloat16 if precision == Precision.bf16 else torch.float16
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=dtype)

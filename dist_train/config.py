@@ -32,6 +32,7 @@ class Device(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
+    auto = "auto"
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -54,6 +55,13 @@ class Backend(str, enum.Enum):
     auto = "auto"  # nccl on CUDA, gloo on CPU
     nccl = "nccl"
     gloo = "gloo"
+
+
+class StrategyName(str, enum.Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    accelerate = "accelerate"
 
 
 class Schedule(str, enum.Enum):
@@ -84,8 +92,9 @@ class TrainConfig:
     """Seeds model init and data order; identical runs give identical metrics."""
     device: Device = Device.auto
     """auto: CUDA when available, else CPU."""
-    precision: Precision = Precision.no
-    """no (fp32; `fp32` is accepted too) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
+    precision: Precision = Precision.auto
+    """auto (Accelerate's mixed_precision under accelerate launch, else fp32) | no (fp32; `fp32` is accepted
+    too) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
     checkpoint: bool = True
     """Save model, optimizer, clip-policy and scaler state to checkpoint.pt at the end."""
 
@@ -154,6 +163,9 @@ class DataConfig:
 
 @dataclass
 class DistConfig:
+    strategy: StrategyName = StrategyName.auto
+    """auto (accelerate under accelerate launch, else ddp with 2+ processes, else single process) | ddp |
+    fsdp (FSDP2, torchrun) | accelerate."""
     backend: Backend = Backend.auto
     """Process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
     timeout_s: float = 300.0
@@ -381,6 +393,9 @@ def validate(cfg: Config) -> None:
     _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
     _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
     _check_fits_in_memory(cfg, on_gpu=cuda and t.device != Device.cpu)
+    from dist_train.strategies import resolve
+
+    resolve(cfg)  # strategy x precision x launcher: a combination that cannot work fails here
 
 
 def _available_memory(on_gpu: bool) -> Optional[int]:

@@ -25,11 +25,13 @@ T = TypeVar("T")
 
 #: torch.distributed's env:// variables, as DistState fields.
 TORCH_ENV = {"rank": "RANK", "local_rank": "LOCAL_RANK", "world_size": "WORLD_SIZE", "local_world_size": "LOCAL_WORLD_SIZE"}
-#: Launcher -> (variable that identifies it, {field: variable}). First match wins.
-LAUNCHERS: dict[str, tuple[str, dict[str, str]]] = {
-    "torchrun": ("TORCHELASTIC_RUN_ID", TORCH_ENV),
+#: Launcher -> (variables that identify it, {field: variable}). First match wins.
+LAUNCHERS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    # accelerate launch starts its processes through torch elastic, so it goes first.
+    "accelerate": (("ACCELERATE_MIXED_PRECISION", "RANK"), TORCH_ENV),
+    "torchrun": (("TORCHELASTIC_RUN_ID",), TORCH_ENV),
     # Any launcher that exports the env:// variables (accelerate, deepspeed, mpirun wrappers).
-    "env": ("RANK", TORCH_ENV),
+    "env": (("RANK",), TORCH_ENV),
 }
 #: Variables torch's env:// rendezvous needs when world_size > 1.
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
@@ -71,8 +73,8 @@ class DistState:
     # ---- construction -------------------------------------------------------------
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "DistState":
-        for launcher, (marker, table) in LAUNCHERS.items():
-            if marker not in env:
+        for launcher, (markers, table) in LAUNCHERS.items():
+            if not all(m in env for m in markers):
                 continue
             values: dict[str, int] = {}
             for name, var in table.items():

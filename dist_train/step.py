@@ -9,8 +9,9 @@
     -> optimizer step, or skip it when raw is NaN/Inf
     -> zero gradients
 
-Backends supply the pieces (how gradients are synchronised, the autocast
-context, the scaler); none of them reorders these steps. Metrics stay tensors
+Strategies (`dist_train.strategies`) supply the pieces: how gradients are
+synchronised, the autocast context, backward with the scaler, unscaling, the
+norm over shards. None of them reorders these steps. Metrics stay tensors
 on the device; the caller calls `.item()` only on the steps it logs.
 """
 
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dist_train.clip import ClipPolicy, clip_coefficient, scale_grads_
+from dist_train.strategies.base import Amp, Strategy
+
+__all__ = ["Amp", "Strategy", "StepMetrics", "lm_loss", "train_step"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -34,34 +38,6 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     x, y = batch
     logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-
-
-class GradSync(Protocol):
-    """How gradients reach the same global average on every rank."""
-
-    def no_sync(self, model: torch.nn.Module) -> ContextManager:
-        """Context for the non-final micro-batches: accumulate locally, communicate nothing."""
-
-    def average_grads(self, grads: list[torch.Tensor]) -> None:
-        """After the last backward: make `grads` the mean over ranks (no-op if already done)."""
-
-
-class LocalGradSync:
-    """Single process: gradients are already global."""
-
-    def no_sync(self, model: torch.nn.Module) -> ContextManager:
-        return contextlib.nullcontext()
-
-    def average_grads(self, grads: list[torch.Tensor]) -> None:
-        return None
-
-
-@dataclass
-class Amp:
-    """Mixed precision pieces: an autocast context factory and an optional fp16 scaler."""
-
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext
-    scaler: Optional[torch.amp.GradScaler] = None
 
 
 @dataclass
@@ -91,8 +67,7 @@ def train_step(
     policy: ClipPolicy,
     *,
     loss_fn: LossFn = lm_loss,
-    amp: Optional[Amp] = None,
-    grad_sync: Optional[GradSync] = None,
+    strategy: Optional[Strategy] = None,
     eps: float = 1e-6,
     params: Optional[Iterable[torch.nn.Parameter]] = None,
 ) -> StepMetrics:
@@ -101,21 +76,19 @@ def train_step(
     if n_micro == 0:
         raise ValueError("train_step needs at least one micro-batch")
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    amp = amp or Amp()
-    grad_sync = grad_sync or LocalGradSync()
-    scaler = amp.scaler
+    strategy = strategy or Strategy()
+    scaler = strategy.scaler
 
     loss_sum = None
     for i, batch in enumerate(micro_batches):
         last = i == n_micro - 1
         # Only the last micro-batch communicates: one gradient sync per optimizer step.
-        with contextlib.nullcontext() if last else grad_sync.no_sync(model):
-            with amp.autocast():
+        with contextlib.nullcontext() if last else strategy.no_sync(model):
+            with strategy.autocast():
                 loss = loss_fn(model, batch)
             # Dividing by n_micro makes the accumulated gradient the gradient of the
             # mean loss over the whole local batch, whatever the micro-batch split.
-            scaled = loss / n_micro
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            strategy.backward(loss / n_micro)  # scaled by the fp16 loss scale, if any
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
 
     # The scale this step's backward used; update() below changes it in place.
@@ -123,13 +96,13 @@ def train_step(
     loss_scale = scaler._get_scale_async().clone() if scaler is not None else None
 
     grads = [p.grad for p in params if p.grad is not None]
-    grad_sync.average_grads(grads)
+    strategy.average_grads(grads)
 
     # The norm must be taken on true gradients: unscale fp16 gradients first.
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    strategy.unscale_(optimizer)
 
-    raw = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    # The whole model's norm: over every shard where gradients are sharded.
+    raw = strategy.global_norm(grads)
     threshold = policy.threshold(raw)
     coef = clip_coefficient(raw, threshold, eps)
     if policy.clips:

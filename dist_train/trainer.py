@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from dist_train import config as C
-from dist_train import ddp
-from dist_train.amp import build_amp, pick_device
+from dist_train import strategies
+from dist_train.amp import pick_device
 from dist_train.clip import ClipPolicy, build_policy
 from dist_train.data import GlobalBatches, TokenDataset, build_dataset, split_for_rank
 from dist_train.distributed import DistState
@@ -26,7 +26,9 @@ from dist_train.model import build_model, check_model_output
 from dist_train.progress import ProgressReporter, hms
 from dist_train.rundir import RunDir, torch_save
 from dist_train.signals import StopSignal
-from dist_train.step import Amp, GradSync, LocalGradSync, StepMetrics, train_step
+from dist_train.step import StepMetrics, train_step
+from dist_train.strategies.base import Strategy
+from dist_train.strategies.ddp import check_replicas
 
 log = logging.getLogger("dist_train")
 
@@ -59,24 +61,29 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     policy: ClipPolicy
-    amp: Amp
-    grad_sync: GradSync
+    plan: strategies.Plan
+    strategy: Strategy
 
 
 def build(
     cfg: C.Config,
     dist: Optional[DistState] = None,
     device: Optional[torch.device] = None,
+    plan: Optional[strategies.Plan] = None,
     sync_grads: bool = True,
 ) -> Setup:
-    """Build model, data, optimizer, policy and precision for this rank.
+    """Build model, data, optimizer, policy and the strategy for this rank.
 
-    `sync_grads=False` leaves a distributed model unwrapped, so gradients are never
+    `plan` defaults to what the config and the launcher's environment ask for.
+    `sync_grads=False` runs every rank as a single process, so gradients are never
     averaged: only `dist-train verify --inject unsynced-grads` uses it, to show the
     verifier catches that.
     """
     dist = dist or DistState()
     device = device or pick_device(cfg.train.device, dist.local_rank)
+    plan = plan or strategies.resolve(cfg)
+    if not sync_grads:
+        plan = strategies.Plan("single", plan.precision)
     t = cfg.train
     if t.global_batch_size % (dist.world_size * t.grad_accum_steps):
         raise ConfigError(
@@ -89,15 +96,12 @@ def build(
     model = build_model(cfg.model, dataset.vocab_size).to(device)
     if cfg.model.factory is not None:
         check_model_output(model, cfg.model, dataset.vocab_size, device)
-    grad_sync: GradSync = LocalGradSync()
-    if dist.distributed and sync_grads:
-        model = ddp.wrap(model, device)
-        grad_sync = ddp.DDPGradSync()
-    torch.manual_seed(t.seed + dist.rank)  # per-rank randomness (dropout) from here on
+    strategy = strategies.create(plan, dist, device)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+    model, optimizer = strategy.setup(
+        model, lambda params: torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     )
+    torch.manual_seed(t.seed + dist.rank)  # per-rank randomness (dropout) from here on
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, t.max_steps))
     return Setup(
         cfg=cfg,
@@ -109,8 +113,8 @@ def build(
         optimizer=optimizer,
         scheduler=scheduler,
         policy=build_policy(cfg.clip),
-        amp=build_amp(t.precision, device),
-        grad_sync=grad_sync,
+        plan=plan,
+        strategy=strategy,
     )
 
 
@@ -128,21 +132,27 @@ def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
 def optimizer_step(s: Setup, step: int) -> StepMetrics:
     """Optimizer step `step` (0-based) of a built setup: the training step, then the LR schedule."""
     m = train_step(
-        s.model, s.optimizer, micro_batches(s, step), s.policy, amp=s.amp, grad_sync=s.grad_sync, eps=s.cfg.clip.eps
+        s.model, s.optimizer, micro_batches(s, step), s.policy, strategy=s.strategy, eps=s.cfg.clip.eps
     )
     s.scheduler.step()
     return m
 
 
-def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None:
+def save_checkpoint(s: Setup, path: Optional[Path], step: int, skipped_total: int) -> None:
+    """Every rank calls this (a sharded model is gathered); rank 0 writes to `path`."""
+    model_state, optimizer_state = s.strategy.state_for_checkpoint(s.model, s.optimizer)
+    if path is None:
+        return
+    scaler = s.strategy.scaler
     state = {
         "step": step,
         "skipped_steps": skipped_total,
-        "model": ddp.unwrap(s.model).state_dict(),
-        "optimizer": s.optimizer.state_dict(),
+        "strategy": s.plan.strategy,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": s.scheduler.state_dict(),
         "clip_policy": {"name": s.policy.name, "state": s.policy.state_dict()},
-        "scaler": s.amp.scaler.state_dict() if s.amp.scaler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "vocab": s.dataset.itos,
         "config": C.to_dict(s.cfg),
     }
@@ -187,16 +197,17 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir) -> Outputs:
 
 def startup_summary(s: Setup, out: Outputs) -> list[str]:
     cfg, d = s.cfg, s.dist
-    n_params = sum(p.numel() for p in ddp.unwrap(s.model).parameters())
+    n_params = sum(p.numel() for p in s.strategy.unwrap(s.model).parameters())  # DTensor: the global count
     world = (f"{d.world_size} processes ({d.launcher}, backend {d.backend})" if d.distributed
              else "1 process (no launcher)")
-    precision = {"no": "fp32"}.get(cfg.train.precision.value, cfg.train.precision.value)
+    precision = {"no": "fp32"}.get(s.plan.precision.value, s.plan.precision.value)
     lines = [
         f"dist-train: {cfg.train.max_steps} steps of {cfg.train.global_batch_size} samples on {s.device}, {world}, "
         f"precision {precision}, model {n_params / 1e6:.3g}M parameters",
+        f"dist-train: strategy {s.plan.strategy}: {s.strategy.describe()}",
         f"dist-train: run directory {out.run_dir.path}",
     ]
-    if s.device.type == "cpu" and cfg.train.precision != C.Precision.no:
+    if s.device.type == "cpu" and s.plan.precision != C.Precision.no:
         lines.append("dist-train: note: autocast on a CPU is often slower than fp32 (about 2x for the debug model)")
     if out.wandb is None:
         lines.append("dist-train: W&B disabled")
@@ -255,10 +266,10 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
             progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
         progress.step(record)
         if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
-            ddp.check_replicas(s.model, s.dist, n)
+            check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
         if consecutive >= cfg.clip.max_consecutive_nonfinite:
             hint = "lower optim.lr or clip.max_norm, or check the data around these steps"
-            if t.precision == C.Precision.fp16:
+            if s.plan.precision == C.Precision.fp16:
                 hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
             raise TrainingError(
                 f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
@@ -314,8 +325,9 @@ def train(
     primary: Optional[BaseException] = None
     try:
         outcome = run(s, out.sinks if out is not None else [], progress, stop)
-        if out is not None and cfg.train.checkpoint and outcome.stopped_by is None:
-            save_checkpoint(s, run_dir.path / "checkpoint.pt", outcome.steps_done, outcome.skipped_total)
+        if cfg.train.checkpoint and outcome.stopped_by is None:
+            path = run_dir.path / "checkpoint.pt" if out is not None else None
+            save_checkpoint(s, path, outcome.steps_done, outcome.skipped_total)
     except BaseException as e:
         primary = e
         raise

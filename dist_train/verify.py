@@ -19,9 +19,10 @@ from typing import Optional
 import torch
 
 from dist_train import config as C
-from dist_train import ddp
 from dist_train.distributed import DistState
-from dist_train.trainer import build, optimizer_step
+from dist_train.strategies import Plan
+from dist_train.strategies.ddp import param_checksum
+from dist_train.trainer import Setup, build, optimizer_step
 
 
 @dataclass
@@ -43,8 +44,9 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def _flat_params(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).float() for p in ddp.unwrap(model).parameters()])
+def _flat_params(s: Setup) -> torch.Tensor:
+    """All parameters, whole, as one vector (a collective where sharded: every rank calls it)."""
+    return torch.cat([p.reshape(-1).float() for p in s.strategy.full_parameters(s.model)])
 
 
 def verify(
@@ -68,38 +70,44 @@ def verify(
         m = optimizer_step(s, step)
         lo, hi = dist.min_max(m.grad_norm_raw.detach().float())
         dist_metrics.append((m, dist.mean(m.loss), (hi - lo).item()))
+        params = _flat_params(s)
         if dist.is_main:
-            dist_params.append(_flat_params(s.model).cpu())
-    lo, hi = dist.min_max(ddp.param_checksum(s.model))
-    replicas_identical = bool(torch.equal(lo, hi))
+            dist_params.append(params.cpu())
+    replicas_identical: Optional[bool] = None  # None: sharded, each rank holds a part
+    if s.strategy.replicated:
+        lo, hi = dist.min_max(param_checksum(s.strategy.full_parameters(s.model)))
+        replicas_identical = bool(torch.equal(lo, hi))
 
     ok = True
     if dist.is_main:
         ref_cfg = copy.deepcopy(cfg)
         # One process, the whole global batch, in micro-batches of one rank's micro-batch size.
         ref_cfg.train.grad_accum_steps = cfg.train.grad_accum_steps * dist.world_size
-        ref = build(ref_cfg, DistState(), device)
+        # The same precision, on one process with no strategy in between.
+        ref = build(ref_cfg, DistState(), device, plan=Plan("single", s.plan.precision))
         ref.model.train()
         rows = []
         for step in range(steps):
             r = optimizer_step(ref, step)
             m, loss, spread = dist_metrics[step]
-            diff = (dist_params[step] - _flat_params(ref.model).cpu()).abs().max().item()
+            diff = (dist_params[step] - _flat_params(ref).cpu()).abs().max().item()
             rows.append(
                 Row(step + 1, m.grad_norm_raw.item(), r.grad_norm_raw.item(), m.grad_norm_clipped.item(),
                     r.grad_norm_clipped.item(), loss.item(), r.loss.item(), diff, spread)
             )
-        ok = _report(rows, replicas_identical, dist, cfg, rtol, atol, inject, out)
+        ok = _report(rows, replicas_identical, dist, s, rtol, atol, inject, out)
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
     lo, _ = dist.min_max(flag)  # every rank returns rank 0's verdict
     return bool(lo.item() == 1.0)
 
 
-def _report(rows, replicas_identical, dist, cfg, rtol, atol, inject, out) -> bool:
+def _report(rows, replicas_identical, dist, s: Setup, rtol, atol, inject, out) -> bool:
+    cfg = s.cfg
     print(
-        f"dist-train verify: {dist.world_size} rank(s) ({dist.launcher}, backend {dist.backend or 'none'}) vs a "
-        f"single-process reference; global batch {cfg.train.global_batch_size}, "
-        f"grad_accum_steps {cfg.train.grad_accum_steps}, precision {cfg.train.precision.value}"
+        f"dist-train verify: {dist.world_size} rank(s) ({dist.launcher}, backend {dist.backend or 'none'}, strategy "
+        f"{s.plan.strategy}: {s.strategy.describe()}) vs a single-process reference; global batch "
+        f"{cfg.train.global_batch_size}, grad_accum_steps {cfg.train.grad_accum_steps}, precision "
+        f"{s.plan.precision.value}"
         + (f"; injected fault: {inject}" if inject else ""),
         file=out,
     )
@@ -124,7 +132,11 @@ def _report(rows, replicas_identical, dist, cfg, rtol, atol, inject, out) -> boo
         )
     spread = max(r.raw_rank_spread for r in rows)
     print(f"raw norm identical on all ranks: {'yes' if spread == 0 else f'NO (max spread {spread:.3g})'}", file=out)
-    print(f"parameters identical on all ranks: {'yes' if replicas_identical else 'NO'}", file=out)
-    all_ok &= replicas_identical
+    if replicas_identical is None:
+        print("parameters identical on all ranks: n/a (sharded: each rank holds a part; compared whole above)",
+              file=out)
+    else:
+        print(f"parameters identical on all ranks: {'yes' if replicas_identical else 'NO'}", file=out)
+        all_ok &= replicas_identical
     print(f"verdict: {'PASS' if all_ok else 'FAIL'}", file=out)
     return all_ok

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.config import load_config
-from dist_train.ddp import check_replicas, unwrap
+from dist_train.strategies.ddp import check_replicas, unwrap
 from dist_train.distributed import DistState
 from dist_train.errors import TrainingError, UsageError
 from dist_train.metrics import read_jsonl
@@ -142,12 +142,12 @@ def _replica_guard_worker():
     state = DistState.from_env()
     with state.session(torch.device("cpu"), "gloo", timeout_s=60):
         s = build(_cfg(1), state, torch.device("cpu"))
-        check_replicas(s.model, state, step=1)  # identical: passes
+        check_replicas(s.strategy.full_parameters(s.model), state, step=1)  # identical: passes
         if state.rank == 1:
             with torch.no_grad():
                 next(unwrap(s.model).parameters()).view(-1)[0] += 1e-6
         try:
-            check_replicas(s.model, state, step=2)
+            check_replicas(s.strategy.full_parameters(s.model), state, step=2)
         except TrainingError as e:
             return str(e)
         return None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_train.clip import FixedClip, NoClip
-from dist_train.step import Amp, lm_loss, train_step
+from dist_train.step import Amp, Strategy, lm_loss, train_step
 from tests.helpers import NanAt, random_mlp_lm
 
 VOCAB = 16
@@ -167,7 +167,7 @@ def test_fp16_norm_is_taken_after_unscale():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     spy = GradSpy(opt)
     amp = _fp16_amp(2.0**12)
-    m = train_step(model, opt, [b], FixedClip(float(ref) * 0.5), amp=amp)
+    m = train_step(model, opt, [b], FixedClip(float(ref) * 0.5), strategy=Strategy(amp))
     assert not m.skipped
     assert m.loss_scale == 2.0**12
     _assert_unscaled(m.grad_norm_raw, ref)
@@ -234,7 +234,7 @@ def test_fp16_overflow_is_a_skipped_step_and_lowers_the_scale():
     policy = RecordingPolicy(1.0)
     amp = _fp16_amp(2.0**100)  # scaled fp16 gradients overflow
     before = _snapshot(model, opt)
-    m = train_step(model, opt, [batch(4)], policy, amp=amp)
+    m = train_step(model, opt, [batch(4)], policy, strategy=Strategy(amp))
     assert m.skipped
     _assert_state_equal(_snapshot(model, opt), before)
     assert policy.seen == []

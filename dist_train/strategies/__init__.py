@@ -1,0 +1,136 @@
+"""Ways of distributing the one training step, each a small adapter (see `base.Strategy`).
+
+    single      one process, no launcher (`base.Strategy`)
+    ddp         torchrun (or any env:// launcher), DistributedDataParallel   (`ddp`)
+    fsdp        torchrun, FSDP2 `fully_shard`: sharded parameters and grads   (`fsdp`)
+    accelerate  `accelerate launch`, the Accelerator's DDP or FSDP2           (`accelerate`)
+
+`resolve` turns `dist.strategy` and `train.precision` (both may be `auto`) and the
+launcher's environment into a `Plan`; `load_config` runs it, so a
+combination that cannot work is one line before anything starts; `create` builds
+the strategy for a rank. Nothing outside this package branches on the strategy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from dist_train.config import Config, Precision, StrategyName
+from dist_train.errors import ConfigError
+
+#: Set in every process `accelerate launch` starts, whatever its launcher mode.
+ACCELERATE_MARKER = "ACCELERATE_MIXED_PRECISION"
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    """single | ddp | fsdp | accelerate"""
+    precision: Precision
+    """no | bf16 | fp16 (never auto)"""
+
+
+def _true(env: Mapping[str, str], var: str) -> bool:
+    return env.get(var, "").strip().lower() in ("1", "true", "yes")
+
+
+def _world_size(env: Mapping[str, str]) -> int:
+    try:
+        return int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1  # DistState.from_env reports it
+
+
+def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[bool] = None) -> Plan:
+    """The strategy and precision this process will run, or a ConfigError saying what to change."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    requested = cfg.dist.strategy
+    precision = cfg.train.precision
+    by_accelerate = ACCELERATE_MARKER in env
+    if by_accelerate:
+        if requested not in (StrategyName.auto, StrategyName.accelerate):
+            raise ConfigError(
+                f"config key 'dist.strategy': {requested.value} under accelerate launch, which sets up processes "
+                "and mixed precision itself; use dist.strategy=auto (or accelerate), or start the job with "
+                "launch/torchrun.sh")
+        return Plan("accelerate", _accelerate_precision(precision, env, cuda))
+    if requested == StrategyName.accelerate:
+        raise ConfigError("config key 'dist.strategy': accelerate needs a job started by accelerate launch; "
+                          "use launch/accelerate.sh, or dist.strategy=auto")
+    precision = Precision.no if precision == Precision.auto else precision
+    if requested == StrategyName.fsdp:
+        if precision == Precision.fp16:
+            raise ConfigError(
+                "config key 'train.precision': fp16 does not work with dist.strategy=fsdp (loss scaling would "
+                "decide overflows shard by shard); use bf16, which needs no scaler")
+        if cfg.dist.check_sync_every:
+            raise ConfigError(
+                "config key 'dist.check_sync_every': under dist.strategy=fsdp each rank holds a shard, not a "
+                "replica, so there is nothing to compare; set it to 0")
+        return Plan("fsdp", precision)
+    # ddp over one process is the single-process step (DDP with one rank only adds a wrapper).
+    return Plan("ddp" if _world_size(env) > 1 else "single", precision)
+
+
+def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bool) -> Precision:
+    acc = env.get(ACCELERATE_MARKER, "no").strip().lower()
+    if acc not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"accelerate launch asks for mixed precision '{acc}', which dist_train does not support; "
+                          "use no, bf16 or fp16 (--mixed_precision or mixed_precision in the Accelerate config)")
+    if precision not in (Precision.auto, Precision(acc)):
+        raise ConfigError(
+            f"config key 'train.precision': {precision.value} contradicts Accelerate's mixed_precision '{acc}', "
+            "which decides it under accelerate launch; set train.precision=auto (or to the same value), or change "
+            "--mixed_precision / the Accelerate config")
+    # The silent fallbacks of Accelerate on a CPU-only machine, caught before anything starts.
+    if not cuda:
+        if _world_size(env) > 1 and not _true(env, "ACCELERATE_USE_CPU"):
+            raise ConfigError(
+                f"accelerate launch started {_world_size(env)} processes on a machine without GPUs, but without "
+                "ACCELERATE_USE_CPU=true Accelerate would let each train its own model; use "
+                "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (launch/accelerate.sh "
+                "does this)")
+        if "WORLD_SIZE" not in env and env.get("MASTER_PORT"):
+            raise ConfigError(
+                "accelerate launch --cpu starts a single process whatever --num_processes says (its multi-process "
+                "CPU mode is mpirun); use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+                "(launch/accelerate.sh does this)")
+        for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if _true(env, var):
+                raise ConfigError(
+                    f"the Accelerate config asks for {what}, which Accelerate runs only on GPUs: on this machine it "
+                    f"would silently train plain data-parallel instead; for sharding on a CPU use "
+                    f"dist.strategy=fsdp with launch/torchrun.sh")
+    if _true(env, "ACCELERATE_USE_FSDP") and env.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("the Accelerate config asks for FSDP version 1; dist_train supports FSDP2: set "
+                          "fsdp_version: 2 in fsdp_config (configs/accelerate/fsdp2.yaml)")
+    return Precision(acc)
+
+
+def create(plan: Plan, dist, device: torch.device):
+    """The strategy object for this rank (after the process group exists)."""
+    from dist_train.amp import build_amp
+
+    if plan.strategy == "fsdp" and not dist.distributed:
+        raise ConfigError("config key 'dist.strategy': fsdp shards over processes and needs at least 2; start "
+                              "it with launch/torchrun.sh (NPROC_PER_NODE=2 or more)")
+    if plan.strategy == "accelerate":
+        from dist_train.strategies.accelerate import AccelerateStrategy
+
+        return AccelerateStrategy(dist, device)
+    if plan.strategy == "fsdp":
+        from dist_train.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(dist, plan.precision)
+    amp = build_amp(plan.precision, device)
+    if plan.strategy == "ddp":
+        from dist_train.strategies.ddp import DDPStrategy
+
+        return DDPStrategy(dist, device, amp)
+    from dist_train.strategies.base import Strategy
+
+    return Strategy(amp)

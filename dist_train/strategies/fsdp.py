@@ -1,0 +1,89 @@
+"""FSDP2 (torch's `fully_shard`): parameters, gradients and optimizer state sharded over ranks.
+
+- Wrapping: every module of the model's `nn.ModuleList`s (a transformer's blocks)
+  is one FSDP unit, and the root holds the rest (embeddings, head). Each unit's
+  parameters are all-gathered for its forward and backward, and its gradients
+  reduce-scattered after its backward.
+- Accumulation: non-final micro-batches run with `set_requires_gradient_sync(False)`,
+  FSDP2's `no_sync`: gradients accumulate unsharded and nothing is reduced, so each
+  unit reduce-scatters once per optimizer step.
+- Norm: each rank holds one shard of every gradient. The global norm is the local
+  sum of squares plus one scalar all-reduce (`base.global_norm`), never one shard's norm.
+- Mixed precision (`MixedPrecisionPolicy`): bf16 all-gathers parameters in bf16 and
+  computes in bf16, and reduce-scatters gradients in fp32; the sharded parameters,
+  gradients and optimizer state stay fp32. fp16 is refused at config load: loss
+  scaling needs a scaler that agrees on overflows across shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dist_train.config import Precision
+from dist_train.distributed import DistState
+from dist_train.strategies.base import OptimizerFactory, Strategy
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    replicated = False
+
+    def __init__(self, dist: DistState, precision: Precision):
+        super().__init__()  # no autocast: FSDP casts parameters itself; no scaler (no fp16)
+        self.dist = dist
+        self.precision = precision
+        self.units = 0
+
+    def mp_policy(self) -> MixedPrecisionPolicy:
+        if self.precision == Precision.bf16:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
+        mp = self.mp_policy()
+        for module in model.modules():
+            if isinstance(module, torch.nn.ModuleList):
+                for unit in module:
+                    fully_shard(unit, mp_policy=mp)
+                    self.units += 1
+        fully_shard(model, mp_policy=mp)
+        self.units += 1
+        return model, make_optimizer(list(model.parameters()))
+
+    def describe(self) -> str:
+        mp = "bf16 compute, fp32 reduce-scatter" if self.precision == Precision.bf16 else "fp32"
+        return f"FSDP2 over {self.dist.world_size} processes ({self.units} units, {mp})"
+
+    @contextlib.contextmanager
+    def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
+        assert isinstance(model, FSDPModule)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        return [full(p.detach()) for p in model.parameters()]
+
+    def state_for_checkpoint(self, model, optimizer):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        # Whole tensors, gathered to rank 0 on the CPU (every rank takes part).
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

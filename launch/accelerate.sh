@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Training under `accelerate launch`, with a shipped Accelerate config.
+#
+# One machine, DDP in bf16 on 2 processes (GPUs, or the CPU on a machine without them):
+#   ACCELERATE_CONFIG=configs/accelerate/ddp_bf16.yaml NUM_PROCESSES=2 launch/accelerate.sh
+# Many machines (the same line on every machine, its own MACHINE_RANK):
+#   ACCELERATE_CONFIG=configs/accelerate/multinode.yaml NUM_MACHINES=2 NUM_PROCESSES=16 \
+#     MACHINE_RANK=0 MAIN_PROCESS_IP=node0 MAIN_PROCESS_PORT=29500 launch/accelerate.sh
+#
+# Accelerate owns process setup, device placement and mixed precision (its config's
+# mixed_precision, or MIXED_PRECISION); train.precision may be left at auto.
+# On a machine without GPUs this script sets ACCELERATE_USE_CPU=true and passes
+# --multi_gpu for a DDP config: otherwise Accelerate would start N processes that
+# each train alone, or one process where N were asked for.
+#
+# Environment (all optional):
+#   ACCELERATE_CONFIG  Accelerate config file          (default: configs/accelerate/ddp.yaml)
+#   CONFIG             training config                  (default: configs/debug.yaml)
+#   COMMAND            train | verify                   (default: train)
+#   NUM_PROCESSES      processes in total, all machines (default: the Accelerate config's)
+#   MIXED_PRECISION    no | bf16 | fp16                 (default: the Accelerate config's)
+#   NUM_MACHINES       machines                         (default: the Accelerate config's)
+#   MACHINE_RANK       this machine's rank, 0..NUM_MACHINES-1
+#   MAIN_PROCESS_IP    machine 0's address              (needed with NUM_MACHINES > 1)
+#   MAIN_PROCESS_PORT  machine 0's port                 (default: 29500)
+#   PYTHON             interpreter with dist_train and accelerate installed (default: python)
+# Extra arguments go to the command: dotted overrides (and verify's flags).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-configs/accelerate/ddp.yaml}"
+CONFIG="${CONFIG:-configs/debug.yaml}"
+COMMAND="${COMMAND:-train}"
+PYTHON="${PYTHON:-python}"
+
+die() { echo "launch/accelerate.sh: $*" >&2; exit 2; }
+is_count() { [[ "$1" =~ ^[0-9]+$ ]] && (( 10#$1 >= $2 )); }  # an integer >= $2
+
+case "$COMMAND" in
+  train|verify) ;;
+  *) die "COMMAND must be train or verify, got '$COMMAND'" ;;
+esac
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter on PATH; set PYTHON to one with dist_train installed"
+"$PYTHON" -c "import accelerate" 2>/dev/null \
+  || die "accelerate is not installed for $PYTHON; install it with: pip install 'dist_train[accelerate]'"
+[[ -f "$ACCELERATE_CONFIG" ]] || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG is not a file; see configs/accelerate/"
+
+# What the Accelerate config asks for: distributed type, processes, machines, precision, GPU.
+read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP HAS_GPU < <("$PYTHON" - "$ACCELERATE_CONFIG" <<'PY'
+import sys, yaml, torch
+try:
+    c = yaml.safe_load(open(sys.argv[1])) or {}
+    assert isinstance(c, dict)
+except Exception as e:
+    print("ERROR", str(e).splitlines()[0].replace(" ", "_") if str(e) else "not_a_mapping", 0, 0, 0)
+    sys.exit()
+print(c.get("distributed_type", "NO"), c.get("num_processes", 1), c.get("num_machines", 1),
+      str(c.get("mixed_precision", "no")).lower(), int(torch.cuda.is_available()))
+PY
+)
+[[ "$DIST_TYPE" != ERROR ]] || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG is not a readable Accelerate YAML config ($CFG_NPROC)"
+
+NUM_PROCESSES="${NUM_PROCESSES:-$CFG_NPROC}"
+NUM_MACHINES="${NUM_MACHINES:-$CFG_NMACH}"
+MIXED_PRECISION="${MIXED_PRECISION:-$CFG_MP}"
+MACHINE_RANK="${MACHINE_RANK:-0}"
+MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
+is_count "$NUM_PROCESSES" 1 || die "NUM_PROCESSES must be a whole number >= 1, got '$NUM_PROCESSES'"
+is_count "$NUM_MACHINES" 1 || die "NUM_MACHINES must be a whole number >= 1, got '$NUM_MACHINES'"
+case "$MIXED_PRECISION" in
+  no|bf16|fp16) ;;
+  *) die "MIXED_PRECISION must be no, bf16 or fp16, got '$MIXED_PRECISION'" ;;
+esac
+is_count "$MACHINE_RANK" 0 && (( 10#$MACHINE_RANK < 10#$NUM_MACHINES )) \
+  || die "MACHINE_RANK must be a whole number from 0 to NUM_MACHINES-1=$((10#$NUM_MACHINES - 1)), got '$MACHINE_RANK'"
+[[ "$MAIN_PROCESS_PORT" =~ ^[0-9]+$ ]] && (( 10#$MAIN_PROCESS_PORT >= 1 && 10#$MAIN_PROCESS_PORT <= 65535 )) \
+  || die "MAIN_PROCESS_PORT must be a port number (1-65535), got '$MAIN_PROCESS_PORT'"
+(( 10#$NUM_PROCESSES % 10#$NUM_MACHINES == 0 )) \
+  || die "NUM_PROCESSES=$NUM_PROCESSES (all machines) is not divisible by NUM_MACHINES=$NUM_MACHINES"
+
+args=(--config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" --num_machines "$NUM_MACHINES"
+      --mixed_precision "$MIXED_PRECISION" --main_process_port "$MAIN_PROCESS_PORT" --dynamo_backend no)
+if (( 10#$NUM_MACHINES > 1 )); then
+  [[ -n "${MAIN_PROCESS_IP:-}" ]] || die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP (machine 0's address)"
+  args+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP")
+fi
+
+# The environment the launched processes will see, for the check below.
+env_check=(ACCELERATE_MIXED_PRECISION="$MIXED_PRECISION" WORLD_SIZE="$NUM_PROCESSES")
+if [[ "$HAS_GPU" == 0 ]]; then
+  # No GPU: Accelerate's CPU data-parallel mode. A DDP config needs --multi_gpu for
+  # it to start N processes; an FSDP or DeepSpeed config keeps its type, so the
+  # check below can refuse it instead of letting Accelerate drop it silently.
+  export ACCELERATE_USE_CPU=true
+  env_check+=(ACCELERATE_USE_CPU=true)
+  if [[ "$DIST_TYPE" == MULTI_GPU ]] && (( 10#$NUM_PROCESSES > 1 )); then
+    args+=(--multi_gpu)
+  fi
+fi
+case "$DIST_TYPE" in
+  FSDP) env_check+=(ACCELERATE_USE_FSDP=true FSDP_VERSION="$("$PYTHON" -c 'import sys,yaml; print((yaml.safe_load(open(sys.argv[1])).get("fsdp_config") or {}).get("fsdp_version", 1))' "$ACCELERATE_CONFIG")") ;;
+  DEEPSPEED) env_check+=(ACCELERATE_USE_DEEPSPEED=true) ;;
+esac
+
+# Check the config once, as the launched processes will see it: a bad config or a
+# combination that cannot work is one line and exit 2 here, before any process starts.
+env "${env_check[@]}" "$PYTHON" -m dist_train "$COMMAND" --check --config "$CONFIG" "$@" || exit $?
+
+exec "$PYTHON" -m dist_train.accelerate_launch "${args[@]}" -m dist_train "$COMMAND" --config "$CONFIG" "$@"
