@@ -89,3 +89,30 @@ class SlowAt(nn.Module):
 def fail_at_first_step(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """model.factory: the first training forward raises (a run that fails before logging anything)."""
     return RaiseAt(TinyGPT(cfg, vocab_size), at_call=0)
+
+
+class OverflowAt(nn.Module):
+    """Training-mode forward calls in `calls` multiply the logits by `factor`: finite in the
+    forward, but under fp16 the backward through that product overflows (a real fp16 overflow)."""
+
+    def __init__(self, inner: nn.Module, calls: set[int], factor: float = 3e4):
+        super().__init__()
+        self.inner = inner
+        self.overflow_calls = calls
+        self.factor = factor
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if not self.training:
+            return out
+        if self.calls in self.overflow_calls:
+            out = out * self.factor
+        self.calls += 1
+        return out
+
+
+def overflow_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory: an fp16 overflow at the 0-based forward calls listed in OVERFLOW_CALLS."""
+    calls = {int(c) for c in os.environ.get("OVERFLOW_CALLS", "").split(",") if c}
+    return OverflowAt(TinyGPT(cfg, vocab_size), calls)
