@@ -137,10 +137,12 @@ def test_second_signal_aborts_at_once(tmp_path):
     assert_complete_metrics(run)
 
 
-def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("script, env", [("launch/torchrun.sh", {"NPROC_PER_NODE": "2"}),
+                                         ("launch/accelerate.sh", {"NUM_PROCESSES": "2"})],
+                         ids=["torchrun", "accelerate"])
+def test_sigterm_under_a_launcher_stops_every_rank_at_the_same_step(tmp_path, script, env):
     run = tmp_path / "run"
-    p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"], script="launch/torchrun.sh",
-              env=_env(NPROC_PER_NODE="2"))
+    p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"], script=script, env=_env(**env))
     wait_for_rows(run, p, rows=3)
     os.kill(p.pid, signal.SIGTERM)  # the launch script, as scancel or a time limit would
     rc, out, err = finish(p, timeout=90)  # within torchrun's 30 s grace period and then some

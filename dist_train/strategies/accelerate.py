@@ -83,6 +83,8 @@ class AccelerateStrategy(Strategy):
         acc = self.accelerator
         precision = {"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision)
         extra = ", fp16 on the CPU with torch's GradScaler" if self.cpu_fp16 else ""
+        if acc.num_processes == 1:
+            return f"Accelerate, one process ({precision}{extra})"
         return f"Accelerate {acc.distributed_type.value} over {acc.num_processes} processes ({precision}{extra})"
 
     @property
