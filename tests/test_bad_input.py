@@ -34,7 +34,8 @@ ERROR = "dist-train: error:"
 LAUNCH_ERROR = "launch/torchrun.sh:"
 #: Launcher variables stripped from every case's environment (a case sets what it needs).
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "NODE_RANK")
+                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "NODE_RANK", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU",
+                 "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION")
 #: Settings of launch/torchrun.sh stripped from every case's environment.
 LAUNCH_VARS = ("CONFIG", "COMMAND", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_TIMEOUT",
                "MAX_RESTARTS", "PYTHON")
@@ -196,6 +197,17 @@ CASES = [
          "'optim.warmup_steps': 500 is more than train.max_steps=300"),
     Case("global_batch_zero", [*TRAIN, "train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
     Case("max_steps_not_a_number", [*TRAIN, "train.max_steps=ten"], "'train.max_steps'"),
+    # ---- strategies ------------------------------------------------------------------------------------
+    Case("strategy_unknown", [*TRAIN, "dist.strategy=zero3"], "'dist.strategy'"),
+    Case("fsdp_fp16", [*TRAIN, "dist.strategy=fsdp", "train.precision=fp16"],
+         "fp16 does not work with dist.strategy=fsdp"),
+    Case("fsdp_replica_guard", [*TRAIN, "dist.strategy=fsdp", "dist.check_sync_every=10"],
+         "holds a shard, not a replica"),
+    Case("fsdp_one_process", [*TRAIN, "dist.strategy=fsdp"], "fsdp shards over processes and needs at least 2"),
+    Case("accelerate_without_its_launcher", [*TRAIN, "dist.strategy=accelerate"],
+         "needs a job started by accelerate launch"),
+    Case("precision_contradicts_accelerate", [*TRAIN, "train.precision=fp16"],
+         "fp16 contradicts Accelerate's mixed_precision 'bf16'", env={"ACCELERATE_MIXED_PRECISION": "bf16"}),
     # ---- launcher environment ------------------------------------------------------------------------
     Case("master_port_not_a_number", TRAIN, "MASTER_PORT='abc'",
          env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"}),

@@ -46,11 +46,11 @@ class FSDPStrategy(Strategy):
 
     def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
         mp = self.mp_policy()
-        for module in model.modules():
-            if isinstance(module, torch.nn.ModuleList):
-                for unit in module:
-                    fully_shard(unit, mp_policy=mp)
-                    self.units += 1
+        units = [unit for module in model.modules() if isinstance(module, torch.nn.ModuleList) for unit in module]
+        # Reversed pre-order: a nested unit is sharded before the unit that holds it, as FSDP2 requires.
+        for unit in reversed(units):
+            fully_shard(unit, mp_policy=mp)
+            self.units += 1
         fully_shard(model, mp_policy=mp)
         self.units += 1
         return model, make_optimizer(list(model.parameters()))
