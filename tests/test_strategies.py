@@ -462,6 +462,8 @@ def test_precision_that_contradicts_accelerate_fails_at_config_load():
         ([], {"ACCELERATE_MIXED_PRECISION": "fp8"}, "mixed precision 'fp8'"),
         ([], {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
          "FSDP version 1"),
+        ([], {"ACCELERATE_MIXED_PRECISION": "fp16", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+         "'fp16' does not work with its FSDP"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(overrides, env, fragment):

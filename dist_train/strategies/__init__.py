@@ -108,6 +108,12 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
     if _true(env, "ACCELERATE_USE_FSDP") and env.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("the Accelerate config asks for FSDP version 1; dist_train supports FSDP2: set "
                           "fsdp_version: 2 in fsdp_config (configs/accelerate/fsdp2.yaml)")
+    if _true(env, "ACCELERATE_USE_FSDP") and acc == "fp16":
+        # Accelerate gives FSDP2 a plain GradScaler: each rank sees only its shards' overflows,
+        # so the ranks' loss scales drift apart and later reduce-scatters mix differently scaled gradients.
+        raise ConfigError(
+            "Accelerate's mixed_precision 'fp16' does not work with its FSDP (each rank's loss scale would follow "
+            "only its own shards' overflows); use bf16 (--mixed_precision bf16 or MIXED_PRECISION=bf16)")
     return Precision(acc)
 
 
