@@ -208,7 +208,7 @@ def startup_summary(s: Setup, out: Outputs) -> list[str]:
         f"dist-train: run directory {out.run_dir.path}",
     ]
     if s.device.type == "cpu" and s.plan.precision != C.Precision.no:
-        lines.append("dist-train: note: autocast on a CPU is often slower than fp32 (about 2x for the debug model)")
+        lines.append("dist-train: note: bf16 and fp16 on a CPU are often slower than fp32 (about 2x for the debug model)")
     if out.wandb is None:
         lines.append("dist-train: W&B disabled")
     elif out.wandb.sync_dir is not None:

@@ -20,7 +20,7 @@
 #   NUM_PROCESSES      processes in total, all machines (default: the Accelerate config's)
 #   MIXED_PRECISION    no | bf16 | fp16                 (default: the Accelerate config's)
 #   NUM_MACHINES       machines                         (default: the Accelerate config's)
-#   MACHINE_RANK       this machine's rank, 0..NUM_MACHINES-1
+#   MACHINE_RANK       this machine's rank, 0..NUM_MACHINES-1 (needed with NUM_MACHINES > 1)
 #   MAIN_PROCESS_IP    machine 0's address              (needed with NUM_MACHINES > 1)
 #   MAIN_PROCESS_PORT  machine 0's port                 (default: 29500)
 #   PYTHON             interpreter with dist_train and accelerate installed (default: python)
@@ -45,25 +45,29 @@ command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter on 
   || die "accelerate is not installed for $PYTHON; install it with: pip install 'dist_train[accelerate]'"
 [[ -f "$ACCELERATE_CONFIG" ]] || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG is not a file; see configs/accelerate/"
 
-# What the Accelerate config asks for: distributed type, processes, machines, precision, GPU.
-read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP HAS_GPU < <("$PYTHON" - "$ACCELERATE_CONFIG" <<'PY'
-import sys, yaml, torch
+# What the Accelerate config asks for: distributed type, processes, machines, precision,
+# FSDP version, and whether this machine has a GPU.
+info=$("$PYTHON" - "$ACCELERATE_CONFIG" 2>&1 <<'PY'
+import sys
 try:
-    c = yaml.safe_load(open(sys.argv[1])) or {}
-    assert isinstance(c, dict)
+    import torch, yaml
+    c = yaml.safe_load(open(sys.argv[1], encoding="utf-8")) or {}
+    if not isinstance(c, dict):
+        raise ValueError("its top level is not a mapping")
+    fsdp = c.get("fsdp_config") or {}
+    print(c.get("distributed_type", "NO"), c.get("num_processes", 1), c.get("num_machines", 1),
+          str(c.get("mixed_precision", "no")).lower(), fsdp.get("fsdp_version", 1),
+          str(fsdp.get("fsdp_offload_params", False)).lower(), int(torch.cuda.is_available()))
 except Exception as e:
-    print("ERROR", str(e).splitlines()[0].replace(" ", "_") if str(e) else "not_a_mapping", 0, 0, 0)
-    sys.exit()
-print(c.get("distributed_type", "NO"), c.get("num_processes", 1), c.get("num_machines", 1),
-      str(c.get("mixed_precision", "no")).lower(), int(torch.cuda.is_available()))
+    print(" ".join(f"{type(e).__name__}: {e}".split()))
+    sys.exit(1)
 PY
-)
-[[ "$DIST_TYPE" != ERROR ]] || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG is not a readable Accelerate YAML config ($CFG_NPROC)"
+) || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG cannot be read ($info)"
+read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP FSDP_VERSION FSDP_OFFLOAD HAS_GPU <<< "$info"
 
 NUM_PROCESSES="${NUM_PROCESSES:-$CFG_NPROC}"
 NUM_MACHINES="${NUM_MACHINES:-$CFG_NMACH}"
 MIXED_PRECISION="${MIXED_PRECISION:-$CFG_MP}"
-MACHINE_RANK="${MACHINE_RANK:-0}"
 MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
 is_count "$NUM_PROCESSES" 1 || die "NUM_PROCESSES must be a whole number >= 1, got '$NUM_PROCESSES'"
 is_count "$NUM_MACHINES" 1 || die "NUM_MACHINES must be a whole number >= 1, got '$NUM_MACHINES'"
@@ -71,8 +75,6 @@ case "$MIXED_PRECISION" in
   no|bf16|fp16) ;;
   *) die "MIXED_PRECISION must be no, bf16 or fp16, got '$MIXED_PRECISION'" ;;
 esac
-is_count "$MACHINE_RANK" 0 && (( 10#$MACHINE_RANK < 10#$NUM_MACHINES )) \
-  || die "MACHINE_RANK must be a whole number from 0 to NUM_MACHINES-1=$((10#$NUM_MACHINES - 1)), got '$MACHINE_RANK'"
 [[ "$MAIN_PROCESS_PORT" =~ ^[0-9]+$ ]] && (( 10#$MAIN_PROCESS_PORT >= 1 && 10#$MAIN_PROCESS_PORT <= 65535 )) \
   || die "MAIN_PROCESS_PORT must be a port number (1-65535), got '$MAIN_PROCESS_PORT'"
 (( 10#$NUM_PROCESSES % 10#$NUM_MACHINES == 0 )) \
@@ -81,6 +83,11 @@ is_count "$MACHINE_RANK" 0 && (( 10#$MACHINE_RANK < 10#$NUM_MACHINES )) \
 args=(--config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" --num_machines "$NUM_MACHINES"
       --mixed_precision "$MIXED_PRECISION" --main_process_port "$MAIN_PROCESS_PORT" --dynamo_backend no)
 if (( 10#$NUM_MACHINES > 1 )); then
+  # Each machine's own rank and machine 0's address come from the environment, never from
+  # a shared file: a machine that forgot its rank would join as a second machine 0.
+  [[ -n "${MACHINE_RANK:-}" ]] || die "NUM_MACHINES=$NUM_MACHINES needs MACHINE_RANK (this machine's rank, 0..$((10#$NUM_MACHINES - 1)))"
+  is_count "$MACHINE_RANK" 0 && (( 10#$MACHINE_RANK < 10#$NUM_MACHINES )) \
+    || die "MACHINE_RANK must be a whole number from 0 to NUM_MACHINES-1=$((10#$NUM_MACHINES - 1)), got '$MACHINE_RANK'"
   [[ -n "${MAIN_PROCESS_IP:-}" ]] || die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP (machine 0's address)"
   args+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP")
 fi
@@ -88,17 +95,18 @@ fi
 # The environment the launched processes will see, for the check below.
 env_check=(ACCELERATE_MIXED_PRECISION="$MIXED_PRECISION" WORLD_SIZE="$NUM_PROCESSES")
 if [[ "$HAS_GPU" == 0 ]]; then
-  # No GPU: Accelerate's CPU data-parallel mode. A DDP config needs --multi_gpu for
-  # it to start N processes; an FSDP or DeepSpeed config keeps its type, so the
-  # check below can refuse it instead of letting Accelerate drop it silently.
+  # No GPU: Accelerate's CPU data-parallel mode. Several processes of a plain
+  # data-parallel config (NO, MULTI_CPU, MULTI_GPU) need --multi_gpu, or Accelerate
+  # starts one; an FSDP or DeepSpeed config keeps its type, so the check below can
+  # refuse it instead of letting Accelerate drop it silently.
   export ACCELERATE_USE_CPU=true
   env_check+=(ACCELERATE_USE_CPU=true)
-  if [[ "$DIST_TYPE" == MULTI_GPU ]] && (( 10#$NUM_PROCESSES > 1 )); then
-    args+=(--multi_gpu)
-  fi
+  case "$DIST_TYPE" in
+    NO|MULTI_CPU|MULTI_GPU) (( 10#$NUM_PROCESSES > 1 )) && args+=(--multi_gpu) ;;
+  esac
 fi
 case "$DIST_TYPE" in
-  FSDP) env_check+=(ACCELERATE_USE_FSDP=true FSDP_VERSION="$("$PYTHON" -c 'import sys,yaml; print((yaml.safe_load(open(sys.argv[1])).get("fsdp_config") or {}).get("fsdp_version", 1))' "$ACCELERATE_CONFIG")") ;;
+  FSDP) env_check+=(ACCELERATE_USE_FSDP=true FSDP_VERSION="$FSDP_VERSION" FSDP_OFFLOAD_PARAMS="$FSDP_OFFLOAD") ;;
   DEEPSPEED) env_check+=(ACCELERATE_USE_DEEPSPEED=true) ;;
 esac
 

@@ -35,7 +35,8 @@ LAUNCH_ERROR = "launch/torchrun.sh:"
 #: Launcher variables stripped from every case's environment (a case sets what it needs).
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID", "GROUP_RANK", "NODE_RANK", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU",
-                 "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION")
+                 "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION",
+                 "FSDP_OFFLOAD_PARAMS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
 #: Settings of launch/torchrun.sh stripped from every case's environment.
 LAUNCH_VARS = ("CONFIG", "COMMAND", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_TIMEOUT",
                "MAX_RESTARTS", "PYTHON")
@@ -199,8 +200,8 @@ CASES = [
     Case("max_steps_not_a_number", [*TRAIN, "train.max_steps=ten"], "'train.max_steps'"),
     # ---- strategies ------------------------------------------------------------------------------------
     Case("strategy_unknown", [*TRAIN, "dist.strategy=zero3"], "'dist.strategy'"),
-    Case("fsdp_fp16", [*TRAIN, "dist.strategy=fsdp", "train.precision=fp16"],
-         "fp16 does not work with dist.strategy=fsdp"),
+    Case("accelerate_accumulates_too", [*TRAIN], "dist_train accumulates itself",
+         env={"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}),
     Case("fsdp_replica_guard", [*TRAIN, "dist.strategy=fsdp", "dist.check_sync_every=10"],
          "holds a shard, not a replica"),
     Case("fsdp_one_process", [*TRAIN, "dist.strategy=fsdp"], "fsdp shards over processes and needs at least 2"),

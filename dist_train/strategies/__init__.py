@@ -57,16 +57,16 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[boo
                 f"config key 'dist.strategy': {requested.value} under accelerate launch, which sets up processes "
                 "and mixed precision itself; use dist.strategy=auto (or accelerate), or start the job with "
                 "launch/torchrun.sh")
+        if _true(env, "ACCELERATE_USE_FSDP") and cfg.dist.check_sync_every:
+            raise ConfigError(
+                "config key 'dist.check_sync_every': under Accelerate's FSDP each rank holds a shard, not a "
+                "replica, so there is nothing to compare; set it to 0")
         return Plan("accelerate", _accelerate_precision(precision, env, cuda))
     if requested == StrategyName.accelerate:
         raise ConfigError("config key 'dist.strategy': accelerate needs a job started by accelerate launch; "
                           "use launch/accelerate.sh, or dist.strategy=auto")
     precision = Precision.no if precision == Precision.auto else precision
     if requested == StrategyName.fsdp:
-        if precision == Precision.fp16:
-            raise ConfigError(
-                "config key 'train.precision': fp16 does not work with dist.strategy=fsdp (loss scaling would "
-                "decide overflows shard by shard); use bf16, which needs no scaler")
         if cfg.dist.check_sync_every:
             raise ConfigError(
                 "config key 'dist.check_sync_every': under dist.strategy=fsdp each rank holds a shard, not a "
@@ -108,12 +108,16 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
     if _true(env, "ACCELERATE_USE_FSDP") and env.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("the Accelerate config asks for FSDP version 1; dist_train supports FSDP2: set "
                           "fsdp_version: 2 in fsdp_config (configs/accelerate/fsdp2.yaml)")
-    if _true(env, "ACCELERATE_USE_FSDP") and acc == "fp16":
-        # Accelerate gives FSDP2 a plain GradScaler: each rank sees only its shards' overflows,
-        # so the ranks' loss scales drift apart and later reduce-scatters mix differently scaled gradients.
+    if _true(env, "ACCELERATE_USE_FSDP") and _true(env, "FSDP_OFFLOAD_PARAMS"):
+        raise ConfigError("the Accelerate config asks for FSDP CPU offloading, which dist_train does not support "
+                          "(the global norm is reduced on the training device); set fsdp_offload_params: false")
+    accum = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip()
+    if accum != "1":
+        # accelerator.backward would divide every loss by it, on top of the step's own division.
         raise ConfigError(
-            "Accelerate's mixed_precision 'fp16' does not work with its FSDP (each rank's loss scale would follow "
-            "only its own shards' overflows); use bf16 (--mixed_precision bf16 or MIXED_PRECISION=bf16)")
+            f"accelerate launch sets gradient accumulation to {accum}; dist_train accumulates itself: remove "
+            "gradient_accumulation_steps from the Accelerate config (and ACCELERATE_GRADIENT_ACCUMULATION_STEPS) "
+            "and set train.grad_accum_steps instead")
     return Precision(acc)
 
 
@@ -131,7 +135,7 @@ def create(plan: Plan, dist, device: torch.device):
     if plan.strategy == "fsdp":
         from dist_train.strategies.fsdp import FSDPStrategy
 
-        return FSDPStrategy(dist, plan.precision)
+        return FSDPStrategy(dist, device, plan.precision)
     amp = build_amp(plan.precision, device)
     if plan.strategy == "ddp":
         from dist_train.strategies.ddp import DDPStrategy

@@ -65,6 +65,9 @@ class AccelerateStrategy(Strategy):
         if acc.device.type != device.type or (device.type == "cuda" and acc.device.index != device.index):
             raise ConfigError(f"Accelerate places the model on {acc.device} but train.device gives {device}; "
                               "set train.device=auto, or pass --cpu to accelerate launch")
+        if acc.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss by it
+            raise ConfigError(f"Accelerate is set to accumulate gradients over {acc.gradient_accumulation_steps} "
+                              "steps; dist_train accumulates itself: set train.grad_accum_steps instead")
         self.fsdp = kind == DistributedType.FSDP
         self.replicated = not self.fsdp
         self.cpu_fp16 = acc.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu"

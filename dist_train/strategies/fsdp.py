@@ -9,10 +9,11 @@
   unit reduce-scatters once per optimizer step.
 - Norm: each rank holds one shard of every gradient. The global norm is the local
   sum of squares plus one scalar all-reduce (`base.global_norm`), never one shard's norm.
-- Mixed precision (`MixedPrecisionPolicy`): bf16 all-gathers parameters in bf16 and
-  computes in bf16, and reduce-scatters gradients in fp32; the sharded parameters,
-  gradients and optimizer state stay fp32. fp16 is refused at config load: loss
-  scaling needs a scaler that agrees on overflows across shards.
+- Mixed precision (`MixedPrecisionPolicy`): bf16 and fp16 all-gather parameters in
+  that dtype and compute in it, and reduce-scatter gradients in fp32; the sharded
+  parameters, gradients and optimizer state stay fp32. fp16 adds torch's GradScaler:
+  its overflow check on sharded gradients is reduced (max) over the mesh by DTensor,
+  so every rank agrees on an overflow and keeps the same loss scale.
 """
 
 from __future__ import annotations
@@ -26,23 +27,23 @@ from torch.distributed.tensor import DTensor
 
 from dist_train.config import Precision
 from dist_train.distributed import DistState
-from dist_train.strategies.base import OptimizerFactory, Strategy
+from dist_train.strategies.base import Amp, OptimizerFactory, Strategy
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
     replicated = False
 
-    def __init__(self, dist: DistState, precision: Precision):
-        super().__init__()  # no autocast: FSDP casts parameters itself; no scaler (no fp16)
+    def __init__(self, dist: DistState, device: torch.device, precision: Precision):
+        # No autocast: FSDP casts the parameters itself. fp16 needs a loss scale.
+        super().__init__(Amp(scaler=torch.amp.GradScaler(device.type) if precision == Precision.fp16 else None))
         self.dist = dist
         self.precision = precision
         self.units = 0
 
     def mp_policy(self) -> MixedPrecisionPolicy:
-        if self.precision == Precision.bf16:
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        return MixedPrecisionPolicy()
+        dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(self.precision)
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
     def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
         mp = self.mp_policy()
@@ -56,7 +57,8 @@ class FSDPStrategy(Strategy):
         return model, make_optimizer(list(model.parameters()))
 
     def describe(self) -> str:
-        mp = "bf16 compute, fp32 reduce-scatter" if self.precision == Precision.bf16 else "fp32"
+        p = self.precision.value
+        mp = f"{p} compute, fp32 reduce-scatter" if self.precision in (Precision.bf16, Precision.fp16) else "fp32"
         return f"FSDP2 over {self.dist.world_size} processes ({self.units} units, {mp})"
 
     @contextlib.contextmanager
