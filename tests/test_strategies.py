@@ -100,8 +100,10 @@ def _fsdp_worker():
         ddp = build(_cfg(1, "dist.strategy=ddp"), state, CPU)
         assert ddp.plan.strategy == "ddp"
         out["ddp"] = _run(ddp)
-        for precision in ("bf16", "fp16"):
-            out[precision] = _run(build(_cfg(1, "dist.strategy=fsdp", f"train.precision={precision}"), state, CPU))
+        for strategy in ("fsdp", "ddp"):
+            for precision in ("bf16", "fp16"):
+                s = build(_cfg(1, f"dist.strategy={strategy}", f"train.precision={precision}"), state, CPU)
+                out[f"{strategy}_{precision}"] = _run(s)
         os.environ["OVERFLOW_CALLS"] = "1"
         out["overflow"] = _run(build(_cfg(1, "dist.strategy=fsdp", "train.precision=fp16",
                                           "model.factory=tests.helpers:overflow_gpt"), state, CPU), 3)
@@ -146,18 +148,23 @@ def test_fsdp_norm_costs_exactly_one_scalar_collective_and_one_reduce_scatter_pe
                 assert sum(c[0] == "reduce_scatter_single" for c in calls) == units, (accum, calls)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "single"])
 @pytest.mark.parametrize("precision, dtype, rel", [("bf16", torch.bfloat16, 1e-2), ("fp16", torch.float16, 2e-3)])
-def test_fsdp_mixed_precision_computes_in_half_and_matches_fp32(fsdp_results, precision, dtype, rel):
-    """MixedPrecisionPolicy: the layers compute in bf16/fp16 (seen by a forward hook), and the norm stays
-    within that format's rounding of fp32 (bf16 keeps 8 significant bits, fp16 11; over these 4 steps
-    the raw norm drifted up to 4.7e-4 and 3.5e-4, measured, against 8e-8 in fp32). A missed average or
-    unscale would be off by sqrt(2) or 65536."""
+def test_mixed_precision_computes_in_half_and_matches_fp32(fsdp_results, strategy, precision, dtype, rel):
+    """FSDP2's MixedPrecisionPolicy, DDP's and a single process's autocast: the layers compute in bf16/fp16 (seen by a forward
+    hook), and the norm stays within that format's rounding of fp32 (bf16 keeps 8 significant bits, fp16
+    11; over these 4 steps FSDP2's raw norm drifted up to 4.7e-4 and 3.5e-4, measured, against 8e-8 in
+    fp32). A missed average or unscale would be off by sqrt(2) or 65536."""
     ref = _reference(1)
-    for rank in fsdp_results:
-        assert rank[precision]["dtypes"] == {dtype}
-        assert_raw_norms_match(rank[precision], ref, rel=rel)
+    if strategy == "single":  # build_amp's autocast and GradScaler, on the whole global batch
+        runs = [_reference(1, precision=Precision(precision))]
+    else:
+        runs = [rank[f"{strategy}_{precision}"] for rank in fsdp_results]
+    for run in runs:
+        assert run["dtypes"] == {dtype}
+        assert_raw_norms_match(run, ref, rel=rel)
         if precision == "fp16":
-            assert rank[precision]["loss_scale"][0] == 65536.0
+            assert run["loss_scale"][0] == 65536.0
 
 
 def test_fsdp_fp16_overflow_is_skipped_on_every_rank_with_one_loss_scale(fsdp_results):
