@@ -480,7 +480,9 @@ def test_accelerate_silent_cpu_fallbacks_are_refused(tmp_path, args, env, fragme
     [
         ({"MIXED_PRECISION": "fp8"}, "MIXED_PRECISION must be no, bf16 or fp16"),
         ({"ACCELERATE_CONFIG": "configs/accelerate/missing.yaml"}, "is not a file"),
-        ({"NUM_MACHINES": "2"}, "needs MAIN_PROCESS_IP"),
+        ({"NUM_MACHINES": "2"}, "needs MACHINE_RANK"),
+        ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "MACHINE_RANK must be a whole number from 0 to NUM_MACHINES-1=1"),
+        ({"NUM_MACHINES": "2", "MACHINE_RANK": "1"}, "needs MAIN_PROCESS_IP"),
         ({"ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}, "asks for FSDP, which Accelerate runs only on GPUs"),
         ({"ACCELERATE_CONFIG": "configs/accelerate/deepspeed.yaml"}, "asks for DeepSpeed"),
     ],
