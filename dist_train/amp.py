@@ -18,7 +18,7 @@ def pick_device(choice: Device, local_rank: int = 0) -> torch.device:
 
 def build_amp(precision: Precision, device: torch.device) -> Amp:
     """bf16: autocast only. fp16: autocast + GradScaler (gradients unscaled before the norm)."""
-    if precision in (Precision.no, Precision.auto):
+    if precision == Precision.no:
         return Amp()
     dtype = torch.bfloat16 if precision == Precision.bf16 else torch.float16
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=dtype)

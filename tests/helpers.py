@@ -17,32 +17,38 @@ def random_mlp_lm(vocab: int = 16, d: int = 24, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Embedding(vocab, d), nn.Linear(d, d), nn.Tanh(), nn.LayerNorm(d), nn.Linear(d, vocab))
 
 
-class NanAt(nn.Module):
-    """Wraps a model; training-mode forward calls whose index is in `nan_calls` return NaN logits.
+class ScaleAt(nn.Module):
+    """Wraps a model; training-mode forward calls whose index is in `calls` multiply the logits by `factor`.
 
-    Eval-mode calls (the trainer's shape probe of a factory's model) are not counted.
+    NaN plants a non-finite gradient; a large finite factor (3e4) is finite in the forward, but under
+    fp16 the backward through that product overflows (a real fp16 overflow). Eval-mode calls (the
+    trainer's shape probe of a factory's model) are not counted.
     """
 
-    def __init__(self, inner: nn.Module, nan_calls: set[int]):
+    def __init__(self, inner: nn.Module, calls: set[int], factor: float = float("nan")):
         super().__init__()
         self.inner = inner
-        self.nan_calls = nan_calls
+        self.scaled_calls = calls
+        self.factor = factor
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
         if not self.training:
             return out
-        if self.calls in self.nan_calls:
-            out = out * float("nan")
+        if self.calls in self.scaled_calls:
+            out = out * self.factor
         self.calls += 1
         return out
 
 
+def _calls(var: str) -> set[int]:
+    return {int(c) for c in os.environ.get(var, "").split(",") if c}
+
+
 def nan_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """model.factory for trainer tests: NaN at the 0-based forward calls listed in NAN_CALLS."""
-    calls = {int(c) for c in os.environ.get("NAN_CALLS", "").split(",") if c}
-    return NanAt(TinyGPT(cfg, vocab_size), calls)
+    return ScaleAt(TinyGPT(cfg, vocab_size), _calls("NAN_CALLS"))
 
 
 def fail_on_rank1(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -91,28 +97,6 @@ def fail_at_first_step(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return RaiseAt(TinyGPT(cfg, vocab_size), at_call=0)
 
 
-class OverflowAt(nn.Module):
-    """Training-mode forward calls in `calls` multiply the logits by `factor`: finite in the
-    forward, but under fp16 the backward through that product overflows (a real fp16 overflow)."""
-
-    def __init__(self, inner: nn.Module, calls: set[int], factor: float = 3e4):
-        super().__init__()
-        self.inner = inner
-        self.overflow_calls = calls
-        self.factor = factor
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
-        if not self.training:
-            return out
-        if self.calls in self.overflow_calls:
-            out = out * self.factor
-        self.calls += 1
-        return out
-
-
 def overflow_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """model.factory: an fp16 overflow at the 0-based forward calls listed in OVERFLOW_CALLS."""
-    calls = {int(c) for c in os.environ.get("OVERFLOW_CALLS", "").split(",") if c}
-    return OverflowAt(TinyGPT(cfg, vocab_size), calls)
+    return ScaleAt(TinyGPT(cfg, vocab_size), _calls("OVERFLOW_CALLS"), factor=3e4)

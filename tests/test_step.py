@@ -14,7 +14,7 @@ import torch
 
 from dist_train.clip import FixedClip, NoClip
 from dist_train.step import Amp, Strategy, lm_loss, train_step
-from tests.helpers import NanAt, random_mlp_lm
+from tests.helpers import ScaleAt, random_mlp_lm
 
 VOCAB = 16
 
@@ -212,7 +212,7 @@ def _assert_state_equal(a, b):
 
 
 def test_nan_gradient_skips_step_and_training_continues():
-    model = NanAt(random_mlp_lm(VOCAB, seed=1), nan_calls={2})
+    model = ScaleAt(random_mlp_lm(VOCAB, seed=1), {2})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     policy = RecordingPolicy(1.0)
     for i in range(2):

@@ -506,7 +506,7 @@ def test_precision_that_contradicts_accelerate_fails_at_config_load():
     [
         (["dist.strategy=fsdp", "dist.check_sync_every=5"], {}, "holds a shard, not a replica"),
         (["dist.check_sync_every=5"], {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true",
-                                       "FSDP_VERSION": "2"}, "under Accelerate's FSDP each rank holds a shard"),
+                                       "FSDP_VERSION": "2"}, "under FSDP each rank holds a shard"),
         ([], {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
               "FSDP_OFFLOAD_PARAMS": "true"}, "CPU offloading"),
         ([], {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},

@@ -34,7 +34,8 @@ class Plan:
     """no | bf16 | fp16 (never auto)"""
 
 
-def _true(env: Mapping[str, str], var: str) -> bool:
+def env_true(var: str, env: Mapping[str, str] = os.environ) -> bool:
+    """A launcher's boolean variable (accelerate writes true/True)."""
     return env.get(var, "").strip().lower() in ("1", "true", "yes")
 
 
@@ -51,26 +52,23 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[boo
     requested = cfg.dist.strategy
     precision = cfg.train.precision
     by_accelerate = ACCELERATE_MARKER in env
+    sharded = requested == StrategyName.fsdp or (by_accelerate and env_true("ACCELERATE_USE_FSDP", env))
+    if sharded and cfg.dist.check_sync_every:
+        raise ConfigError(
+            "config key 'dist.check_sync_every': under FSDP each rank holds a shard, not a replica, so there is "
+            "nothing to compare; set it to 0")
     if by_accelerate:
         if requested not in (StrategyName.auto, StrategyName.accelerate):
             raise ConfigError(
                 f"config key 'dist.strategy': {requested.value} under accelerate launch, which sets up processes "
                 "and mixed precision itself; use dist.strategy=auto (or accelerate), or start the job with "
                 "launch/torchrun.sh")
-        if _true(env, "ACCELERATE_USE_FSDP") and cfg.dist.check_sync_every:
-            raise ConfigError(
-                "config key 'dist.check_sync_every': under Accelerate's FSDP each rank holds a shard, not a "
-                "replica, so there is nothing to compare; set it to 0")
         return Plan("accelerate", _accelerate_precision(precision, env, cuda))
     if requested == StrategyName.accelerate:
         raise ConfigError("config key 'dist.strategy': accelerate needs a job started by accelerate launch; "
                           "use launch/accelerate.sh, or dist.strategy=auto")
     precision = Precision.no if precision == Precision.auto else precision
     if requested == StrategyName.fsdp:
-        if cfg.dist.check_sync_every:
-            raise ConfigError(
-                "config key 'dist.check_sync_every': under dist.strategy=fsdp each rank holds a shard, not a "
-                "replica, so there is nothing to compare; set it to 0")
         return Plan("fsdp", precision)
     # ddp over one process is the single-process step (DDP with one rank only adds a wrapper).
     return Plan("ddp" if _world_size(env) > 1 else "single", precision)
@@ -88,7 +86,7 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
             "--mixed_precision / the Accelerate config")
     # The silent fallbacks of Accelerate on a CPU-only machine, caught before anything starts.
     if not cuda:
-        if _world_size(env) > 1 and not _true(env, "ACCELERATE_USE_CPU"):
+        if _world_size(env) > 1 and not env_true("ACCELERATE_USE_CPU", env):
             raise ConfigError(
                 f"accelerate launch started {_world_size(env)} processes on a machine without GPUs, but without "
                 "ACCELERATE_USE_CPU=true Accelerate would let each train its own model; use "
@@ -100,15 +98,15 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
                 "CPU mode is mpirun); use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
                 "(launch/accelerate.sh does this)")
         for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if _true(env, var):
+            if env_true(var, env):
                 raise ConfigError(
                     f"the Accelerate config asks for {what}, which Accelerate runs only on GPUs: on this machine it "
                     f"would silently train plain data-parallel instead; for sharding on a CPU use "
                     f"dist.strategy=fsdp with launch/torchrun.sh")
-    if _true(env, "ACCELERATE_USE_FSDP") and env.get("FSDP_VERSION", "1") != "2":
+    if env_true("ACCELERATE_USE_FSDP", env) and env.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("the Accelerate config asks for FSDP version 1; dist_train supports FSDP2: set "
                           "fsdp_version: 2 in fsdp_config (configs/accelerate/fsdp2.yaml)")
-    if _true(env, "ACCELERATE_USE_FSDP") and _true(env, "FSDP_OFFLOAD_PARAMS"):
+    if env_true("ACCELERATE_USE_FSDP", env) and env_true("FSDP_OFFLOAD_PARAMS", env):
         raise ConfigError("the Accelerate config asks for FSDP CPU offloading, which dist_train does not support "
                           "(the global norm is reduced on the training device); set fsdp_offload_params: false")
     accum = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip()
@@ -127,7 +125,7 @@ def create(plan: Plan, dist, device: torch.device):
 
     if plan.strategy == "fsdp" and not dist.distributed:
         raise ConfigError("config key 'dist.strategy': fsdp shards over processes and needs at least 2; start "
-                              "it with launch/torchrun.sh (NPROC_PER_NODE=2 or more)")
+                          "it with launch/torchrun.sh (NPROC_PER_NODE=2 or more)")
     if plan.strategy == "accelerate":
         from dist_train.strategies.accelerate import AccelerateStrategy
 

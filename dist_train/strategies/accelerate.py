@@ -14,8 +14,8 @@ The package keeps the step and its guarantees:
   `accelerator.clip_grad_norm_`, which returns one number;
 - data are the package's step-addressed global batches; no dataloader is prepared.
 
-Accelerate's silent fallbacks are refused (see `check_launch` in the package and
-`AccelerateStrategy.__init__`): N processes that each train alone, and FSDP or
+Accelerate's silent fallbacks are refused, from the environment at config load
+(`dist_train.strategies.resolve`) and again here from the Accelerator's state: N processes that each train alone, and FSDP or
 DeepSpeed configs dropped on a CPU. fp16 on a CPU, which Accelerate 1.x turns off
 without a word, is turned back on with torch's CPU GradScaler, so the run is the
 precision that was asked for.
@@ -23,22 +23,20 @@ precision that was asked for.
 
 from __future__ import annotations
 
-import os
 from typing import ContextManager
 
 import torch
 
 from dist_train.distributed import DistState
 from dist_train.errors import ConfigError
+from dist_train.strategies import env_true
 from dist_train.strategies.base import OptimizerFactory, Strategy
-from dist_train.strategies.fsdp import FSDPStrategy, full
+from dist_train.strategies.fsdp import whole_state
 
 CPU_RECIPE = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (launch/accelerate.sh does this)"
 
 
 class AccelerateStrategy(Strategy):
-    name = "accelerate"
-
     def __init__(self, dist: DistState, device: torch.device):
         super().__init__()
         from accelerate import Accelerator
@@ -51,15 +49,11 @@ class AccelerateStrategy(Strategy):
             raise ConfigError(
                 f"accelerate launch started {dist.world_size} processes but Accelerate sees {acc.num_processes} "
                 f"({kind.value}): each would train its own model; on a CPU-only machine use {CPU_RECIPE}")
-        if _env_true("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
+        if env_true("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
             raise ConfigError(
                 f"the Accelerate config asks for FSDP but Accelerate set up {kind.value} (it runs FSDP only on GPUs); "
                 "on a CPU use dist.strategy=fsdp with launch/torchrun.sh")
-        if _env_true("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
-            raise ConfigError(
-                f"the Accelerate config asks for DeepSpeed but Accelerate set up {kind.value} (it runs DeepSpeed only "
-                "on GPUs); use an Accelerate config without DeepSpeed")
-        if kind == DistributedType.DEEPSPEED:
+        if env_true("ACCELERATE_USE_DEEPSPEED") or kind == DistributedType.DEEPSPEED:
             raise ConfigError("DeepSpeed through Accelerate is not supported yet; use an Accelerate config without "
                               "DeepSpeed")
         if acc.device.type != device.type or (device.type == "cuda" and acc.device.index != device.index):
@@ -109,14 +103,7 @@ class AccelerateStrategy(Strategy):
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
 
-    def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        return [full(p.detach()) for p in self.unwrap(model).parameters()]
-
     def state_for_checkpoint(self, model, optimizer):
         if self.fsdp:
-            return FSDPStrategy.state_for_checkpoint(self, model, optimizer)  # type: ignore[arg-type]
-        return self.unwrap(model).state_dict(), optimizer.state_dict()
-
-
-def _env_true(var: str) -> bool:
-    return os.environ.get(var, "").strip().lower() in ("1", "true", "yes")
+            return whole_state(model, optimizer)
+        return super().state_for_checkpoint(model, optimizer)

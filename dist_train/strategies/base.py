@@ -37,7 +37,6 @@ class Amp:
 class Strategy:
     """One process, no communication: the reference every other strategy must match."""
 
-    name = "single"
     #: True when every rank holds the whole model (parameters can be compared across ranks).
     replicated = True
 
@@ -86,12 +85,19 @@ class Strategy:
 
     def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """Every parameter, whole (collective where sharded: call on every rank)."""
-        return [p.detach() for p in self.unwrap(model).parameters()]
+        return [full(p.detach()) for p in self.unwrap(model).parameters()]
 
     def state_for_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                              ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(model, optimizer) state dicts, whole (collective where sharded: call on every rank)."""
         return self.unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor's whole value (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -18,8 +18,6 @@ from dist_train.strategies.base import Amp, OptimizerFactory, Strategy
 
 
 class DDPStrategy(Strategy):
-    name = "ddp"
-
     def __init__(self, dist: DistState, device: torch.device, amp: Amp):
         super().__init__(amp)
         self.dist = dist

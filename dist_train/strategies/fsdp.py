@@ -23,7 +23,6 @@ from typing import Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from dist_train.config import Precision
 from dist_train.distributed import DistState
@@ -31,7 +30,6 @@ from dist_train.strategies.base import Amp, OptimizerFactory, Strategy
 
 
 class FSDPStrategy(Strategy):
-    name = "fsdp"
     replicated = False
 
     def __init__(self, dist: DistState, device: torch.device, precision: Precision):
@@ -70,22 +68,18 @@ class FSDPStrategy(Strategy):
         finally:
             model.set_requires_gradient_sync(True)
 
-    def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        return [full(p.detach()) for p in model.parameters()]
-
     def state_for_checkpoint(self, model, optimizer):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        # Whole tensors, gathered to rank 0 on the CPU (every rank takes part).
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(model, options=options),
-                get_optimizer_state_dict(model, optimizer, options=options))
+        return whole_state(model, optimizer)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (a collective), or the tensor itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state of a sharded model as whole tensors, gathered to rank 0 on the
+    CPU (every rank takes part; the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
