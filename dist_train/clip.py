@@ -6,6 +6,12 @@ step calls `threshold(raw)` every step and `observe(raw)` only on steps whose
 raw norm is finite, so a NaN/Inf never enters a policy's history (the bug that
 poisons adaptive clippers). `threshold` may return +inf ("do not clip"), which
 lets a future adaptive policy warm up on a history before it clips.
+
+Where an engine clips inside its own step (DeepSpeed), the threshold must be
+known before this step's norm exists: only policies whose threshold depends on
+past norms alone (`next_threshold`) can run there; a policy that reads the
+current norm or the parameters says so (`needs_current_norm`,
+`needs_parameters`) and is refused at config load.
 """
 
 from __future__ import annotations
@@ -25,10 +31,19 @@ class ClipPolicy:
     #: False when the policy can never return a finite threshold; the step then
     #: skips the (no-op) scaling pass over the gradients.
     clips: bool = True
+    #: True when the threshold depends on this step's raw norm (it cannot run where an engine clips).
+    needs_current_norm: bool = False
+    #: True when the policy needs per-parameter gradients (which ZeRO partitions do not give).
+    needs_parameters: bool = False
 
     def threshold(self, raw: torch.Tensor) -> torch.Tensor:
         """Threshold for this step, a 0-dim tensor on raw's device. Must not change state."""
-        raise NotImplementedError
+        return self.next_threshold(raw.device).to(raw.dtype)
+
+    def next_threshold(self, device: torch.device) -> torch.Tensor:
+        """The threshold of the coming step from past norms alone, before its norm exists (a 0-dim fp64
+        tensor, so a configured value reaches an engine exactly)."""
+        raise NotImplementedError(f"clip policy '{self.name}' needs the current step's norm")
 
     def observe(self, raw: torch.Tensor) -> None:
         """Record a finite raw norm of a step that was taken."""
@@ -47,8 +62,8 @@ class NoClip(ClipPolicy):
     name = "none"
     clips = False
 
-    def threshold(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.full((), math.inf, dtype=raw.dtype, device=raw.device)
+    def next_threshold(self, device: torch.device) -> torch.Tensor:
+        return torch.full((), math.inf, dtype=torch.float64, device=device)
 
 
 class FixedClip(ClipPolicy):
@@ -61,8 +76,8 @@ class FixedClip(ClipPolicy):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self.max_norm = float(max_norm)
 
-    def threshold(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.full((), self.max_norm, dtype=raw.dtype, device=raw.device)
+    def next_threshold(self, device: torch.device) -> torch.Tensor:
+        return torch.full((), self.max_norm, dtype=torch.float64, device=device)
 
 
 POLICIES: dict[str, Callable[[ClipConfig], ClipPolicy]] = {

@@ -62,6 +62,7 @@ class StrategyName(str, enum.Enum):
     ddp = "ddp"
     fsdp = "fsdp"
     accelerate = "accelerate"
+    deepspeed = "deepspeed"
 
 
 class Schedule(str, enum.Enum):
@@ -165,7 +166,11 @@ class DataConfig:
 class DistConfig:
     strategy: StrategyName = StrategyName.auto
     """auto (accelerate under accelerate launch, else ddp with 2+ processes, else single process) | ddp |
-    fsdp (FSDP2, torchrun) | accelerate."""
+    fsdp (FSDP2, torchrun) | accelerate | deepspeed (ZeRO 0-3; launch/deepspeed.sh)."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON for dist.strategy=deepspeed (configs/deepspeed/zero0.json ... zero3.json and their _bf16/_fp16
+    variants); its "auto" values are filled from this config and a value contradicting it is an error. None: the
+    same as configs/deepspeed/zero2.json."""
     backend: Backend = Backend.auto
     """Process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
     timeout_s: float = 300.0

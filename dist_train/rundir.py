@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 from dist_train.errors import UsageError, io_error, writing
 
 #: Files dist_train writes at the top of a run directory.
-RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoint.pt", "plot.png", "vocab.json")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoint.pt", "checkpoint", "plot.png", "vocab.json")
 LOCK = ".dist_train.lock"
 WANDB = "wandb"
 #: What wandb writes under <run dir>/wandb: one folder per run, and links/logs beside them.

@@ -9,6 +9,10 @@
     -> optimizer step, or skip it when raw is NaN/Inf
     -> zero gradients
 
+Where an engine owns everything after the backward (DeepSpeed), the policy's
+threshold is handed to it before its step, and the engine reports this step's
+raw norm and whether it skipped the update; the metrics mean the same.
+
 Strategies (`dist_train.strategies`) supply the pieces: how gradients are
 synchronised, the autocast context, backward with the scaler, unscaling, the
 norm over shards. None of them reorders these steps. Metrics stay tensors
@@ -91,9 +95,18 @@ def train_step(
             strategy.backward(loss / n_micro)  # scaled by the fp16 loss scale, if any
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
 
-    # The scale this step's backward used; update() below changes it in place.
-    # (_get_scale_async reads it without a host sync, unlike get_scale().)
-    loss_scale = scaler._get_scale_async().clone() if scaler is not None else None
+    loss_scale = strategy.loss_scale()  # the scale this step's backward used (fp16)
+
+    if strategy.engine_steps:
+        # The engine reduces, unscales, clips and updates; the threshold comes from past norms only.
+        threshold = policy.next_threshold(loss_sum.device)
+        raw, skipped = strategy.engine_step(threshold)
+        threshold = threshold.float()
+        coef = clip_coefficient(raw, threshold, eps)  # the engine's own formula (eps 1e-6)
+        if not skipped:
+            policy.observe(raw)
+        return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=torch.minimum(raw, threshold),
+                           clip_coef=coef, threshold=threshold, skipped=skipped, loss_scale=loss_scale)
 
     grads = [p.grad for p in params if p.grad is not None]
     strategy.average_grads(grads)

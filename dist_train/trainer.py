@@ -24,7 +24,7 @@ from dist_train.errors import ConfigError, Stopped, TrainingError, signal_name
 from dist_train.metrics import JsonlSink, Sink, Window, make_record
 from dist_train.model import build_model, check_model_output
 from dist_train.progress import ProgressReporter, hms
-from dist_train.rundir import RunDir, torch_save
+from dist_train.rundir import RunDir
 from dist_train.signals import StopSignal
 from dist_train.step import StepMetrics, train_step
 from dist_train.strategies.base import Strategy
@@ -96,7 +96,7 @@ def build(
     model = build_model(cfg.model, dataset.vocab_size).to(device)
     if cfg.model.factory is not None:
         check_model_output(model, cfg.model, dataset.vocab_size, device)
-    strategy = strategies.create(plan, dist, device)
+    strategy = strategies.create(plan, dist, device, cfg)
     o = cfg.optim
     model, optimizer = strategy.setup(
         model, lambda params: torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
@@ -138,25 +138,23 @@ def optimizer_step(s: Setup, step: int) -> StepMetrics:
     return m
 
 
-def save_checkpoint(s: Setup, path: Optional[Path], step: int, skipped_total: int) -> None:
-    """Every rank calls this (a sharded model is gathered); rank 0 writes to `path`."""
-    model_state, optimizer_state = s.strategy.state_for_checkpoint(s.model, s.optimizer)
-    if path is None:
-        return
+def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None:
+    """Every rank calls this (a sharded model is gathered, a DeepSpeed engine writes its partitions);
+    rank 0 writes the file, or DeepSpeed's directory, `path`."""
     scaler = s.strategy.scaler
     state = {
         "step": step,
         "skipped_steps": skipped_total,
         "strategy": s.plan.strategy,
-        "model": model_state,
-        "optimizer": optimizer_state,
         "scheduler": s.scheduler.state_dict(),
         "clip_policy": {"name": s.policy.name, "state": s.policy.state_dict()},
         "scaler": scaler.state_dict() if scaler is not None else None,
         "vocab": s.dataset.itos,
         "config": C.to_dict(s.cfg),
     }
-    torch_save(state, path)  # never a half-written checkpoint, never a temporary file left
+    # Never a half-written checkpoint: a temporary file renamed into place, or DeepSpeed's `latest` file
+    # written after the tag's directory is complete.
+    s.strategy.save_checkpoint(s.model, s.optimizer, path, state, s.dist.is_main)
 
 
 @dataclass
@@ -326,8 +324,9 @@ def train(
     try:
         outcome = run(s, out.sinks if out is not None else [], progress, stop)
         if cfg.train.checkpoint and outcome.stopped_by is None:
-            path = run_dir.path / "checkpoint.pt" if out is not None else None
-            save_checkpoint(s, path, outcome.steps_done, outcome.skipped_total)
+            if out is not None:
+                run_dir.wrote(s.strategy.checkpoint_name)
+            save_checkpoint(s, run_dir.path / s.strategy.checkpoint_name, outcome.steps_done, outcome.skipped_total)
     except BaseException as e:
         primary = e
         raise

@@ -4,6 +4,7 @@
     ddp         torchrun (or any env:// launcher), DistributedDataParallel   (`ddp`)
     fsdp        torchrun, FSDP2 `fully_shard`: sharded parameters and grads   (`fsdp`)
     accelerate  `accelerate launch`, the Accelerator's DDP or FSDP2           (`accelerate`)
+    deepspeed   DeepSpeed's engine, ZeRO stages 0-3 (deepspeed or torchrun)   (`deepspeed`)
 
 `resolve` turns `dist.strategy` and `train.precision` (both may be `auto`) and the
 launcher's environment into a `Plan`; `load_config` runs it, so a
@@ -29,7 +30,7 @@ ACCELERATE_MARKER = "ACCELERATE_MIXED_PRECISION"
 @dataclass(frozen=True)
 class Plan:
     strategy: str
-    """single | ddp | fsdp | accelerate"""
+    """single | ddp | fsdp | accelerate | deepspeed"""
     precision: Precision
     """no | bf16 | fp16 (never auto)"""
 
@@ -67,11 +68,29 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[boo
     if requested == StrategyName.accelerate:
         raise ConfigError("config key 'dist.strategy': accelerate needs a job started by accelerate launch; "
                           "use launch/accelerate.sh, or dist.strategy=auto")
+    if requested == StrategyName.deepspeed:
+        return Plan("deepspeed", _deepspeed_precision(cfg, env, cuda))
     precision = Precision.no if precision == Precision.auto else precision
     if requested == StrategyName.fsdp:
         return Plan("fsdp", precision)
     # ddp over one process is the single-process step (DDP with one rank only adds a wrapper).
     return Plan("ddp" if _world_size(env) > 1 else "single", precision)
+
+
+def _deepspeed_precision(cfg: Config, env: Mapping[str, str], cuda: bool) -> Precision:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("config key 'dist.strategy': deepspeed is not installed; pip install 'dist_train[deepspeed]'")
+    from dist_train.strategies.deepspeed import deepspeed_config
+
+    world = _world_size(env) if "WORLD_SIZE" in env else None  # None: a launcher's preflight
+    _, precision = deepspeed_config(cfg, world)
+    if precision == Precision.fp16 and not cuda and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        # What DeepSpeed's CPU accelerator checks; it would fail later with "fp16 is not supported".
+        raise ConfigError("DeepSpeed runs fp16 on a CPU only where oneDNN supports fp16, and this CPU's does not; "
+                          "use train.precision=bf16 (or fp32) and a DeepSpeed JSON without fp16, or a GPU")
+    return precision
 
 
 def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bool) -> Precision:
@@ -119,9 +138,14 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
     return Precision(acc)
 
 
-def create(plan: Plan, dist, device: torch.device):
+def create(plan: Plan, dist, device: torch.device, cfg: Optional[Config] = None):
     """The strategy object for this rank (after the process group exists)."""
     from dist_train.amp import build_amp
+
+    if plan.strategy == "deepspeed":
+        from dist_train.strategies.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(dist, device, cfg)
 
     if plan.strategy == "fsdp" and not dist.distributed:
         raise ConfigError("config key 'dist.strategy': fsdp shards over processes and needs at least 2; start "

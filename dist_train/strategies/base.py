@@ -10,6 +10,8 @@
     unscale_        divide fp16 gradients by the loss scale, before the norm
     global_norm     the L2 norm of the whole model's gradients, over every shard
 
+A strategy whose engine reduces, unscales, clips and updates inside its own
+step (DeepSpeed: `engine_steps`) supplies `engine_step` for that part instead.
 A strategy changes how a piece is done, never the order. What a strategy owns
 beyond the step (checkpoint state, whether ranks hold replicas) is here too, so
 the trainer knows nothing else about it.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -39,6 +42,10 @@ class Strategy:
 
     #: True when every rank holds the whole model (parameters can be compared across ranks).
     replicated = True
+    #: True when an engine does everything after the last backward (`engine_step`).
+    engine_steps = False
+    #: The checkpoint's name in the run directory.
+    checkpoint_name = "checkpoint.pt"
 
     def __init__(self, amp: Optional[Amp] = None):
         self.amp = amp or Amp()
@@ -68,6 +75,12 @@ class Strategy:
         scaler = self.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    def loss_scale(self) -> Optional[torch.Tensor]:
+        """The fp16 loss scale this step's backward used (None without one), read without a host sync."""
+        scaler = self.scaler
+        # update() changes the scale in place: a copy. (get_scale() would sync with the host.)
+        return scaler._get_scale_async().clone() if scaler is not None else None
+
     def average_grads(self, grads: list[torch.Tensor]) -> None:
         """Make `grads` the mean over ranks; a no-op where the backward already did it."""
 
@@ -78,6 +91,11 @@ class Strategy:
     def global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """L2 norm over every gradient of the model (all shards), a 0-dim fp32 tensor."""
         return global_norm(grads)
+
+    def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Only where `engine_steps`: reduce, unscale, clip at `threshold` and update inside the engine;
+        return this step's raw norm (NaN when skipped) and whether the update was skipped."""
+        raise NotImplementedError
 
     # ---- beyond the step -------------------------------------------------------------------
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -91,6 +109,16 @@ class Strategy:
                              ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(model, optimizer) state dicts, whole (collective where sharded: call on every rank)."""
         return self.unwrap(model).state_dict(), optimizer.state_dict()
+
+    def save_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
+                        state: dict[str, Any], is_main: bool) -> None:
+        """Every rank calls this (a sharded model is gathered); rank 0 writes `state` with the whole model
+        and optimizer state to the file `path`, atomically."""
+        from dist_train.rundir import torch_save
+
+        model_state, optimizer_state = self.state_for_checkpoint(model, optimizer)
+        if is_main:
+            torch_save({**state, "model": model_state, "optimizer": optimizer_state}, path)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

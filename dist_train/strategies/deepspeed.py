@@ -1,0 +1,375 @@
+"""DeepSpeed ZeRO stages 0-3: the engine owns gradient reduction, mixed precision, clipping and the update.
+
+The DeepSpeed config is built from ours (`deepspeed_config`): the user's JSON
+(`dist.deepspeed_config`) may leave the values dist_train owns as "auto" or
+give the same value; a different one is an error naming the key. Batch sizes,
+accumulation, precision and `gradient_clipping` are always written explicitly
+(DeepSpeed's default for `gradient_clipping` changed from 0.0 to 1.0 in 0.19.3,
+so leaving it out means different runs on different versions). DeepSpeed's own
+monitors (W&B, TensorBoard, CSV, Comet) stay off: dist_train's sinks log.
+
+The step (`dist_train.step.train_step`) keeps its shape; the engine does the
+part after the last backward (`engine_step`):
+
+- the clip policy's threshold for the coming step (from past norms alone) is
+  written into the engine before `engine.step()`: its config value at stage 0
+  in fp32, the wrapped optimizer's `clip_grad` everywhere else;
+- `grad_norm/raw` is the engine's pre-clip global norm where it reports one
+  (ZeRO 1-3, and every bf16/fp16 optimizer), read after its step, so it is
+  this step's. Stage 0 in fp32 reports none: there every rank holds the whole
+  all-reduced gradient, and the norm is computed locally before the step (no
+  collective);
+- a step the engine skipped (fp16 overflow, or a NaN/Inf norm, which the ZeRO
+  optimizers otherwise report as -1 or as the previous step's value) is logged
+  as skipped with a null norm; stage 0 in fp32 has no such check in the
+  engine, so dist_train skips that step itself;
+- `grad_norm/clipped` is derived as min(raw, threshold): the engine clips with
+  coef = threshold / (raw + 1e-6) and does not report the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import types
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from dist_train.config import Config, Precision
+from dist_train.errors import ConfigError, TrainingError
+from dist_train.strategies.base import OptimizerFactory, Strategy, global_norm
+
+#: What dist.deepspeed_config=null means: the same as configs/deepspeed/zero2.json.
+DEFAULT_JSON: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "zero_optimization": {"stage": 2},
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+}
+MONITORS = ("wandb", "tensorboard", "csv_monitor", "comet")
+INSTALL_HINT = "pip install 'dist_train[deepspeed]'"
+
+
+def read_json(path: str) -> dict[str, Any]:
+    from dist_train.config import _regular_file
+
+    p = _regular_file(path, "config key 'dist.deepspeed_config': file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"DeepSpeed config '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {e.msg} at line {e.lineno}, "
+                          f"column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config '{path}' must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class _Builder:
+    """Fills one DeepSpeed config from ours; every refusal names the key to change."""
+
+    def __init__(self, cfg: Config, data: dict[str, Any], source: str):
+        self.cfg = cfg
+        self.ds = copy.deepcopy(data)
+        self.source = source
+
+    def fail(self, ds_key: str, value: Any, ours: str, want: Any) -> None:
+        raise ConfigError(
+            f"DeepSpeed config {self.source} sets {ds_key}={json.dumps(value)}, but {ours} gives {json.dumps(want)}; "
+            f"set {ds_key} to \"auto\" (or remove it) so dist_train fills it, or change {ours}")
+
+    def own(self, ds_key: str, ours: str, want: Any) -> None:
+        """Fill a key dist_train owns: absent or "auto" takes our value; any other must be equal."""
+        section, _, leaf = ds_key.rpartition(".")
+        node = self.ds.setdefault(section, {}) if section else self.ds
+        value = node.get(leaf, "auto")
+        if value != "auto" and not _same(value, want):
+            self.fail(ds_key, value, ours, want)
+        node[leaf] = want
+
+    def section(self, name: str) -> dict[str, Any]:
+        node = self.ds.get(name)
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            raise ConfigError(f"DeepSpeed config {self.source}: '{name}' must be a JSON object, not "
+                              f"{json.dumps(node)}")
+        return node
+
+    def precision(self, requested: Precision) -> Precision:
+        enabled = {}
+        for name in ("bf16", "fp16"):
+            value = self.section(name).get("enabled", "auto")
+            if value not in (True, False, "auto"):
+                raise ConfigError(f"DeepSpeed config {self.source}: {name}.enabled must be true, false or \"auto\", "
+                                  f"got {json.dumps(value)}")
+            enabled[name] = value
+        if "bfloat16" in self.ds:
+            raise ConfigError(f"DeepSpeed config {self.source}: rename the old 'bfloat16' section to 'bf16'")
+        for name in ("amp", "torch_autocast"):
+            if self.section(name).get("enabled", False):
+                raise ConfigError(f"DeepSpeed config {self.source}: {name}.enabled=true is not supported by "
+                                  "dist_train; use bf16 or fp16 (train.precision) instead")
+        asked = [Precision(n) for n in ("bf16", "fp16") if enabled[n] is True]
+        if len(asked) == 2:
+            raise ConfigError(f"DeepSpeed config {self.source} enables both bf16 and fp16; enable at most one")
+        if requested == Precision.auto:
+            precision = asked[0] if asked else Precision.no
+        else:
+            precision = requested
+            for name in ("bf16", "fp16"):
+                want = precision == Precision(name)
+                if enabled[name] != "auto" and enabled[name] is not want:
+                    raise ConfigError(
+                        f"DeepSpeed config {self.source} sets {name}.enabled={json.dumps(enabled[name])}, but "
+                        f"train.precision={precision.value} gives {json.dumps(want)}; set {name}.enabled to \"auto\" "
+                        f"so dist_train fills it, or set train.precision=auto to take the precision from the JSON")
+        for name in ("bf16", "fp16"):
+            self.ds.setdefault(name, {})
+            self.ds[name]["enabled"] = precision == Precision(name)
+        if precision == Precision.bf16:
+            # Without it DeepSpeed's bf16 ZeRO path applies a step whose norm is NaN/Inf (reported as -1).
+            if self.section("bf16").get("check_grad_overflow", True) is not True:
+                raise ConfigError(f"DeepSpeed config {self.source}: bf16.check_grad_overflow=false lets a NaN/Inf "
+                                  "gradient reach the weights; remove it (dist_train skips such steps)")
+            self.ds["bf16"]["check_grad_overflow"] = True
+        return precision
+
+
+def deepspeed_config(cfg: Config, world_size: Optional[int] = None) -> tuple[dict[str, Any], Precision]:
+    """The DeepSpeed config for this run and its precision; ConfigError (one line) on any contradiction.
+
+    `world_size` None (a launcher's preflight, before the workers exist) checks
+    everything that does not depend on it and leaves the micro batch "auto".
+    """
+    from dist_train.clip import build_policy
+
+    path = cfg.dist.deepspeed_config
+    data = read_json(path) if path is not None else DEFAULT_JSON
+    b = _Builder(cfg, data, f"'{path}'" if path is not None else "(default)")
+    t, o = cfg.train, cfg.optim
+
+    b.own("train_batch_size", "train.global_batch_size", t.global_batch_size)
+    b.own("gradient_accumulation_steps", "train.grad_accum_steps", t.grad_accum_steps)
+    micro = b.ds.get("train_micro_batch_size_per_gpu", "auto")
+    if world_size is not None:
+        b.own("train_micro_batch_size_per_gpu",
+              f"train.global_batch_size/(world size {world_size} x train.grad_accum_steps)",
+              t.global_batch_size // (world_size * t.grad_accum_steps))
+    elif micro != "auto" and (not isinstance(micro, int) or micro <= 0
+                              or t.global_batch_size % (micro * t.grad_accum_steps)):
+        b.fail("train_micro_batch_size_per_gpu", micro, "train.global_batch_size/(world size x train.grad_accum_steps)",
+               "auto")
+
+    policy = build_policy(cfg.clip)
+    if policy.needs_current_norm or policy.needs_parameters:
+        need = "this step's gradient norm before clipping" if policy.needs_current_norm else "per-parameter gradients"
+        raise ConfigError(
+            f"config key 'clip.policy': '{policy.name}' needs {need}, which DeepSpeed's engine does not give (it clips "
+            "inside its own step, over partitioned gradients); use a policy whose threshold depends on past norms "
+            "only (fixed), or another dist.strategy")
+    if cfg.clip.eps != 1e-6:
+        raise ConfigError("config key 'clip.eps': DeepSpeed's engine clips with eps 1e-6 and cannot be told "
+                          "another; remove clip.eps (or set it to 1e-6)")
+    threshold = float(policy.next_threshold(torch.device("cpu")))
+    b.own("gradient_clipping", "clip.max_norm" if policy.clips else "clip.policy=none",
+          threshold if math.isfinite(threshold) else 0.0)
+
+    precision = b.precision(t.precision)
+
+    if "optimizer" in b.ds:
+        opt = b.section("optimizer")
+        if str(opt.get("type", "")).lower() != "adamw":
+            raise ConfigError(f"DeepSpeed config {b.source}: optimizer type {json.dumps(opt.get('type'))}; dist_train "
+                              "trains with torch's AdamW from optim.*: remove the 'optimizer' section")
+        params = opt.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"DeepSpeed config {b.source}: optimizer.params must be a JSON object")
+        ours = {"lr": ("optim.lr", o.lr), "betas": ("optim.beta1/optim.beta2", [o.beta1, o.beta2]),
+                "weight_decay": ("optim.weight_decay", o.weight_decay)}
+        for key, value in params.items():
+            if key not in ours:
+                raise ConfigError(f"DeepSpeed config {b.source}: optimizer.params.{key} has no dist_train "
+                                  "counterpart; remove it (dist_train builds AdamW from optim.*)")
+            if value != "auto" and not _same(value, ours[key][1]):
+                b.fail(f"optimizer.params.{key}", value, ours[key][0], ours[key][1])
+        del b.ds["optimizer"]  # dist_train passes its own torch AdamW built from the same values
+    if "scheduler" in b.ds:
+        raise ConfigError(f"DeepSpeed config {b.source}: remove the 'scheduler' section; the learning-rate schedule "
+                          "is optim.warmup_steps and optim.schedule")
+
+    zero = b.section("zero_optimization")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.stage must be 0, 1, 2 or 3, got "
+                          f"{json.dumps(stage)}")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key) or {}, dict) else "?"
+        if device not in ("none", None):
+            raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.{key} is not supported by dist_train "
+                              "yet; remove it")
+    if zero.get("compute_grad_norm", True) is not True:
+        raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.compute_grad_norm=false leaves no gradient "
+                          "norm to log or clip; remove it")
+    b.ds.setdefault("zero_optimization", {})["stage"] = stage
+
+    for name in MONITORS:
+        if b.section(name).get("enabled", False):
+            raise ConfigError(f"DeepSpeed config {b.source}: {name}.enabled=true; dist_train logs itself "
+                              "(logging.wandb and metrics.jsonl): set it to false")
+        b.ds[name] = {"enabled": False}
+
+    left = _auto_left(b.ds)
+    if left and not (world_size is None and left == ["train_micro_batch_size_per_gpu"]):
+        raise ConfigError(f"DeepSpeed config {b.source}: {left[0]} is \"auto\", which dist_train does not fill "
+                          "(it fills batch sizes, accumulation, gradient_clipping, bf16/fp16 and optimizer params); "
+                          "give it a value")
+    if cfg.dist.check_sync_every and stage > 0:
+        raise ConfigError(
+            "config key 'dist.check_sync_every': under ZeRO stages 1-3 the fp32 weights are partitioned over "
+            "ranks, so there are no replicas to compare; set it to 0")
+    return b.ds, precision
+
+
+def _auto_left(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _auto_left(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _auto_left(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+class DeepSpeedStrategy(Strategy):
+    """`deepspeed.initialize` around the model and dist_train's AdamW; see the module's docstring."""
+
+    engine_steps = True
+
+    def __init__(self, dist, device: torch.device, cfg: Config):
+        super().__init__()
+        self.dist = dist
+        self.device = device
+        self.config, self.precision = deepspeed_config(cfg, dist.world_size)
+        self.stage = self.config["zero_optimization"]["stage"]
+        self.replicated = self.stage == 0
+        # Stage 0 in fp32 hands the step to the torch optimizer and keeps no norm.
+        self.own_norm = self.stage == 0 and self.precision == Precision.no
+        self.engine = None
+        self._skip_update = False
+
+    def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
+        import deepspeed
+
+        optimizer = make_optimizer(list(model.parameters()))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(self.config),
+                                               dist_init_required=False)
+        self.engine = engine
+        if self.own_norm:
+            # The engine would step on a NaN/Inf gradient here: the step dist_train skips never reaches AdamW.
+            inner = optimizer.step
+
+            def step(opt, *args, **kwargs):
+                return None if self._skip_update else inner(*args, **kwargs)
+
+            optimizer.step = types.MethodType(step, optimizer)  # a bound method, as LR schedulers expect
+        # The scheduler and the trainer see the torch AdamW: its param_groups are the engine's.
+        return engine, optimizer
+
+    def describe(self) -> str:
+        precision = {"no": "fp32"}.get(self.precision.value, self.precision.value)
+        where = f"over {self.dist.world_size} processes" if self.dist.world_size > 1 else "in one process"
+        return f"DeepSpeed {_version()} ZeRO stage {self.stage} {where} ({precision}, the engine clips and steps)"
+
+    # ---- the step's pieces -----------------------------------------------------------------
+    def no_sync(self, model: torch.nn.Module):
+        # The engine knows the accumulation boundary from gradient_accumulation_steps: stages 0-1 reduce
+        # once per step; stages 2-3 reduce-scatter each micro-batch into their partitions (DeepSpeed's design).
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        engine = self.engine
+        engine.backward(loss, scale_wrt_gas=False)  # the step already divided by the micro-batch count
+        if not engine.is_gradient_accumulation_boundary():
+            engine.step()  # only counts the micro-batch; the update is engine_step's
+
+    def loss_scale(self) -> Optional[torch.Tensor]:
+        if self.precision != Precision.fp16:
+            return None
+        return torch.tensor(float(self.engine._get_optimizer_loss_scale()), device=self.device)
+
+    def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip at `threshold` and update, inside the engine: (this step's raw norm, skipped)."""
+        engine = self.engine
+        value = float(threshold)
+        clip = value if math.isfinite(value) else 0.0  # 0: DeepSpeed does not clip
+        engine._config.gradient_clipping = clip  # read by stage 0's fp32 path at every step
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = clip  # the wrapped optimizers' own copy (stages 1-3, bf16, fp16)
+        if self.own_norm:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            raw = global_norm(grads)  # whole, all-reduced gradients on every rank: no collective
+            self._skip_update = not bool(torch.isfinite(raw))
+            engine.step()
+            self._skip_update = False
+            return raw, not bool(torch.isfinite(raw))
+        engine.step()
+        if not engine.was_step_applied():
+            return torch.full((), math.nan, device=self.device), True
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        if not math.isfinite(norm) or norm < 0:
+            raise TrainingError(f"DeepSpeed applied an update but reports the gradient norm {norm}; this DeepSpeed "
+                                f"({_version()}) does not skip non-finite steps here: use deepspeed>=0.19.8")
+        return torch.tensor(norm, dtype=torch.float32, device=self.device), False
+
+    # ---- beyond the step -------------------------------------------------------------------
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.module if hasattr(model, "module") else model
+
+    def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The fp32 weights, whole (the optimizer's master copy where the model runs in bf16/fp16 or is
+        partitioned; a collective from stage 1 on: call on every rank)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = []
+        for p in self.unwrap(model).parameters():
+            full = safe_get_full_fp32_param(p) if self.stage > 0 or self.precision != Precision.no else None
+            out.append((full if full is not None else p.detach()).float())
+        return out
+
+    checkpoint_name = "checkpoint"
+
+    def save_checkpoint(self, model, optimizer, path: Path, state: dict[str, Any], is_main: bool) -> None:
+        """`engine.save_checkpoint` into the directory `path` (every rank writes its partitions; `latest`
+        names the complete one), with dist_train's own state as client state."""
+        self.engine.save_checkpoint(str(path), client_state=state)
+
+    def load_checkpoint(self, model, optimizer, path: Path) -> dict[str, Any]:
+        _, client_state = self.engine.load_checkpoint(str(path))
+        if client_state is None:
+            raise ConfigError(f"no DeepSpeed checkpoint in '{path}' (no 'latest' file)")
+        return client_state
+
+
+def _version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

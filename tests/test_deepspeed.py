@@ -1,0 +1,233 @@
+"""DeepSpeed ZeRO 0-3 (`dist.strategy=deepspeed`): the engine reduces, clips and steps, and the
+package still logs this step's true global norm, skipped steps and the threshold it handed over.
+
+In-process checks run 2 ranks over gloo (tests.dist_utils.spawn) against the single-process
+reference over the same global batches; end-to-end checks run launch/deepspeed.sh. DeepSpeed
+JIT-builds one C++ op on a CPU the first time (about 40 s); it lands in torch's extensions
+cache, which every test here shares, so one test run builds it once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dist_train.clip import FixedClip
+from dist_train.config import Precision
+from dist_train.distributed import DistState
+from dist_train.strategies import Plan
+from dist_train.trainer import build
+from tests.conftest import ROOT
+from tests.dist_utils import spawn
+from tests.test_strategies import CPU, _cfg, _reference, _run, assert_raw_norms_match
+
+STAGES = (0, 1, 2, 3)
+JSON = ROOT / "configs/deepspeed"
+
+
+def _ds(stage: int, accum: int = 1, *extra: str, variant: str = ""):
+    return _cfg(accum, "dist.strategy=deepspeed", f"dist.deepspeed_config={JSON / f'zero{stage}{variant}.json'}", *extra)
+
+
+class StepClip(FixedClip):
+    """A threshold that depends on the step count only (past information): tiny on odd steps, huge on even."""
+
+    name = "step"
+
+    def __init__(self):
+        super().__init__(1.0)
+        self.steps = 0
+
+    def next_threshold(self, device):
+        return torch.full((), 1e-9 if self.steps % 2 else 1e6, dtype=torch.float64, device=device)
+
+    def observe(self, raw):
+        self.steps += 1
+
+
+def _tiny_clip_update(s) -> float:
+    """Largest parameter change of one step (the debug model's AdamW, lr 1.5e-4 at step 1 of the warm-up)."""
+    before = torch.cat([p.reshape(-1) for p in s.strategy.full_parameters(s.model)])
+    _run(s, 1)
+    after = torch.cat([p.reshape(-1) for p in s.strategy.full_parameters(s.model)])
+    return (after - before).abs().max().item()
+
+
+def _worker(tmp: str):
+    state = DistState.from_env()
+    out = {}
+    with state.session(CPU, "gloo", timeout_s=120):
+        for stage in STAGES:
+            out[f"z{stage}"] = _run(build(_ds(stage), state, CPU))
+            out[f"z{stage}_bf16"] = _run(build(_ds(stage, variant="_bf16"), state, CPU))
+            s = build(_ds(stage, 1, "clip.max_norm=1e-9"), state, CPU)
+            assert s.strategy.engine.gradient_clipping() == 1e-9  # written explicitly, not DeepSpeed's default
+            out[f"z{stage}_tiny"] = _tiny_clip_update(s)
+            out[f"z{stage}_free"] = _tiny_clip_update(build(_ds(stage, 1, "clip.policy=none"), state, CPU))
+            s = build(_ds(stage), state, CPU)
+            s.policy = StepClip()
+            out[f"z{stage}_stepclip"] = _run(s)
+        for stage in (0, 2):
+            out[f"z{stage}_accum4"] = _run(build(_ds(stage, 4), state, CPU))
+        out["ddp"] = _run(build(_cfg(1, "dist.strategy=ddp"), state, CPU))
+
+        # A DeepSpeed JSON without gradient_clipping: dist_train writes clip.max_norm (0.3) into it.
+        no_clip_json = os.path.join(tmp, "no_clipping.json")
+        if state.is_main:
+            with open(no_clip_json, "w") as f:
+                json.dump({"zero_optimization": {"stage": 1}, "train_batch_size": 16}, f)
+        torch.distributed.barrier()
+        out["no_clipping_key"] = _run(build(_cfg(1, "dist.strategy=deepspeed",
+                                                 f"dist.deepspeed_config={no_clip_json}"), state, CPU))
+
+        # A planted NaN in the forward of step 2: skipped with a null norm, on every stage and precision.
+        os.environ["NAN_CALLS"] = "1"
+        for stage in STAGES:
+            for variant in ("", "_bf16"):
+                out[f"z{stage}{variant}_nan"] = _run(
+                    build(_ds(stage, 1, "model.factory=tests.helpers:nan_gpt", variant=variant), state, CPU), 3)
+        del os.environ["NAN_CALLS"]
+
+        # engine.save_checkpoint / load_checkpoint: a fresh engine resumes the same trajectory.
+        for stage in (2, 3):
+            s = build(_ds(stage), state, CPU)
+            _run(s, 2)
+            path = os.path.join(tmp, f"ckpt{stage}")
+            s.strategy.save_checkpoint(s.model, s.optimizer, path, {"step": 2, "scheduler": s.scheduler.state_dict()},
+                                       state.is_main)
+            after_save = _run(s, 1)
+            fresh = build(_ds(stage), state, CPU)
+            client = fresh.strategy.load_checkpoint(fresh.model, fresh.optimizer, path)
+            fresh.scheduler.load_state_dict(client["scheduler"])  # the schedule is dist_train's, not the engine's
+            out[f"z{stage}_resume"] = (client["step"], after_save, _run(fresh, 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return spawn(_worker, 2, str(tmp_path_factory.mktemp("ds")), timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return {accum: _reference(accum) for accum in (1, 4)}
+
+
+def assert_same_params(run, ref, atol=1e-5):
+    # Summation order differs (2 ranks x 8 samples vs 1 x 16): AdamW turns that into at most a few
+    # 1e-6 per parameter over 4 steps (measured 2.6e-6 after 10); a missed or doubled gradient moves
+    # parameters by whole steps (lr 1.5e-4 per step here).
+    for step, (a, b) in enumerate(zip(run["params"], ref["params"])):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m: f"parameters after step {step + 1}: {m}")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fp32_matches_the_single_process_reference(ds, ref, stage):
+    for rank in (0, 1):
+        run = ds[rank][f"z{stage}"]
+        assert_raw_norms_match(run, ref[1], rel=1e-5)
+        for a, b in zip(run["loss"], ref[1]["loss"]):
+            assert a == pytest.approx(b, rel=1e-5)
+        assert_same_params(run, ref[1])
+        assert not any(run["skipped"])
+    assert all(math.isfinite(r) for r in ds[0]["z0"]["raw"])  # stage 0: computed, since the engine gives None
+
+
+@pytest.mark.parametrize("stage", (0, 2))
+def test_accumulation_matches_the_reference(ds, ref, stage):
+    run = ds[0][f"z{stage}_accum4"]
+    assert_raw_norms_match(run, ref[4], rel=1e-5)
+    assert_same_params(run, ref[4])
+
+
+def test_negative_control_a_local_norm_would_fail(ds, ref):
+    """The check above can fail: one rank's gradient (not averaged) is about sqrt(2) off the global one."""
+    local = [r * math.sqrt(2) for r in ds[0]["z1"]["raw"]]
+    with pytest.raises(AssertionError):
+        assert_raw_norms_match({"raw": local}, ref[1], rel=1e-5)
+
+
+def test_zero2_and_ddp_agree(ds):
+    z2, ddp = ds[0]["z2"], ds[0]["ddp"]
+    assert_raw_norms_match(z2, ddp, rel=1e-5)
+    assert_same_params(z2, ddp)
+
+
+def _update_error(run, ref) -> float:
+    """Relative L2 error of the parameters' movement over steps 2..N against the reference's."""
+    moved, moved_ref = run["params"][-1] - run["params"][0], ref["params"][-1] - ref["params"][0]
+    return ((moved - moved_ref).norm() / moved_ref.norm()).item()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_computes_in_bf16_and_stays_near_fp32(ds, ref, stage):
+    """DeepSpeed's bf16 runs the whole model in bf16 (8 significant bits) with fp32 master weights.
+
+    Measured against fp32 over 4 steps: raw norms within 1% (bf16's rounding of every
+    activation and gradient, compounding); the parameters' movement over steps 2-4 within
+    2% of the fp32 run's (13% at stage 0, whose bf16 optimizer accumulates gradients in bf16) (per element, AdamW's sign-like update flips where a gradient is
+    near zero, so elementwise bounds say little). 3e-2 and 0.2 leave room and still catch a
+    norm off by sqrt(2), and a skipped or doubled update (a movement error of 0.3 or more).
+    """
+    run = ds[0][f"z{stage}_bf16"]
+    assert run["dtypes"] == {torch.bfloat16}
+    assert_raw_norms_match(run, ref[1], rel=3e-2)
+    assert _update_error(run, ref[1]) < 0.2
+    drift = max(abs(a / b - 1) for a, b in zip(run["raw"], ref[1]["raw"]))
+    assert drift > 1e-5, "bf16 should differ from fp32 by more than fp32's own noise"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("variant", ["", "_bf16"])
+def test_nan_step_is_skipped_with_a_null_norm_and_the_run_goes_on(ds, stage, variant):
+    for rank in (0, 1):
+        run = ds[rank][f"z{stage}{variant}_nan"]
+        assert run["skipped"] == [False, True, False]
+        assert math.isnan(run["raw"][1]), "a skipped step's norm is null: never -1 or the previous value"
+        assert math.isfinite(run["raw"][0]) and math.isfinite(run["raw"][2]) and run["raw"][2] != run["raw"][0]
+        torch.testing.assert_close(run["params"][1], run["params"][0], rtol=0, atol=0)  # untouched
+        assert not torch.equal(run["params"][2], run["params"][1])  # and training went on
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_threshold_reaches_the_engine(ds, stage):
+    """clip.max_norm=1e-9 scales gradients to ~1e-9, below AdamW's eps (1e-8): its update shrinks ~10x.
+
+    Without clipping the first AdamW step moves parameters by about lr (1.5e-4); with
+    the gradient clipped to a norm of 1e-9 most of that step is eps's.
+    """
+    tiny, free = ds[0][f"z{stage}_tiny"], ds[0][f"z{stage}_free"]
+    assert free > 1e-4
+    assert tiny < free / 5, (tiny, free)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_threshold_that_changes_every_step_reaches_the_engine_every_step(ds, stage):
+    """StepClip alternates 1e6 and 1e-9: the same policy in one process gives the same trajectory."""
+    from dist_train.trainer import optimizer_step
+
+    s = build(_cfg(2), DistState(), CPU, plan=Plan("single", Precision.no))
+    s.policy = StepClip()
+    ref = _run(s)
+    run = ds[0][f"z{stage}_stepclip"]
+    assert_raw_norms_match(run, ref, rel=1e-5)
+    assert_same_params(run, ref)
+    del optimizer_step
+
+
+def test_a_json_without_gradient_clipping_clips_at_clip_max_norm(ds, ref):
+    run = ds[0]["no_clipping_key"]
+    assert_raw_norms_match(run, ref[1], rel=1e-5)
+    assert_same_params(run, ref[1])  # clipped at 0.3 like the reference: 1.0 would move them differently
+
+
+@pytest.mark.parametrize("stage", (2, 3))
+def test_checkpoint_resumes_the_same_trajectory(ds, stage):
+    step, after_save, resumed = ds[0][f"z{stage}_resume"]
+    assert step == 2
+    assert resumed["raw"] == pytest.approx(after_save["raw"], rel=1e-6)
+    torch.testing.assert_close(resumed["params"][0], after_save["params"][0], rtol=0, atol=1e-7)
