@@ -30,6 +30,8 @@ LAUNCHERS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     # accelerate launch starts its processes through torch elastic, so it goes first.
     "accelerate": (("ACCELERATE_MIXED_PRECISION", "RANK"), TORCH_ENV),
     "torchrun": (("TORCHELASTIC_RUN_ID",), TORCH_ENV),
+    # DeepSpeed's launcher (deepspeed.launcher.launch) names its node rank and local size its own way.
+    "deepspeed": (("CROSS_RANK", "LOCAL_SIZE", "RANK"), {**TORCH_ENV, "local_world_size": "LOCAL_SIZE"}),
     # Any launcher that exports the env:// variables (accelerate, deepspeed, mpirun wrappers).
     "env": (("RANK",), TORCH_ENV),
 }

@@ -195,7 +195,7 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir) -> Outputs:
 
 def startup_summary(s: Setup, out: Outputs) -> list[str]:
     cfg, d = s.cfg, s.dist
-    n_params = sum(p.numel() for p in s.strategy.unwrap(s.model).parameters())  # DTensor: the global count
+    n_params = s.strategy.num_parameters(s.model)
     world = (f"{d.world_size} processes ({d.launcher}, backend {d.backend})" if d.distributed
              else "1 process (no launcher)")
     precision = {"no": "fp32"}.get(s.plan.precision.value, s.plan.precision.value)

@@ -11,7 +11,8 @@
 # mixed_precision, or MIXED_PRECISION); train.precision may be left at auto.
 # On a machine without GPUs this script sets ACCELERATE_USE_CPU=true and passes
 # --multi_gpu for a DDP config: otherwise Accelerate would start N processes that
-# each train alone, or one process where N were asked for.
+# each train alone, or one process where N were asked for. A DeepSpeed config
+# (configs/accelerate/deepspeed.yaml) runs on DeepSpeed's CPU accelerator over gloo.
 #
 # Environment (all optional):
 #   ACCELERATE_CONFIG  Accelerate config file          (default: configs/accelerate/ddp.yaml)
@@ -55,15 +56,16 @@ try:
     if not isinstance(c, dict):
         raise ValueError("its top level is not a mapping")
     fsdp = c.get("fsdp_config") or {}
+    ds_file = (c.get("deepspeed_config") or {}).get("deepspeed_config_file") or "-"
     print(c.get("distributed_type", "NO"), c.get("num_processes", 1), c.get("num_machines", 1),
           str(c.get("mixed_precision", "no")).lower(), fsdp.get("fsdp_version", 1),
-          str(fsdp.get("fsdp_offload_params", False)).lower(), int(torch.cuda.is_available()))
+          str(fsdp.get("fsdp_offload_params", False)).lower(), int(torch.cuda.is_available()), ds_file)
 except Exception as e:
     print(" ".join(f"{type(e).__name__}: {e}".split()))
     sys.exit(1)
 PY
 ) || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG cannot be read ($info)"
-read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP FSDP_VERSION FSDP_OFFLOAD HAS_GPU <<< "$info"
+read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP FSDP_VERSION FSDP_OFFLOAD HAS_GPU DS_FILE <<< "$info"
 
 NUM_PROCESSES="${NUM_PROCESSES:-$CFG_NPROC}"
 NUM_MACHINES="${NUM_MACHINES:-$CFG_NMACH}"
@@ -94,11 +96,12 @@ fi
 
 # The environment the launched processes will see, for the check below.
 env_check=(ACCELERATE_MIXED_PRECISION="$MIXED_PRECISION" WORLD_SIZE="$NUM_PROCESSES")
-if [[ "$HAS_GPU" == 0 ]]; then
+if [[ "$HAS_GPU" == 0 && "$DIST_TYPE" != DEEPSPEED ]]; then
   # No GPU: Accelerate's CPU data-parallel mode. Several processes of a plain
   # data-parallel config (NO, MULTI_CPU, MULTI_GPU) need --multi_gpu, or Accelerate
-  # starts one; an FSDP or DeepSpeed config keeps its type, so the check below can
-  # refuse it instead of letting Accelerate drop it silently.
+  # starts one; an FSDP config keeps its type, so the check below can refuse it
+  # instead of letting Accelerate drop it silently. (DeepSpeed runs on its CPU
+  # accelerator without ACCELERATE_USE_CPU, which would drop it; dist_train gives it gloo.)
   export ACCELERATE_USE_CPU=true
   env_check+=(ACCELERATE_USE_CPU=true)
   case "$DIST_TYPE" in
@@ -107,7 +110,9 @@ if [[ "$HAS_GPU" == 0 ]]; then
 fi
 case "$DIST_TYPE" in
   FSDP) env_check+=(ACCELERATE_USE_FSDP=true FSDP_VERSION="$FSDP_VERSION" FSDP_OFFLOAD_PARAMS="$FSDP_OFFLOAD") ;;
-  DEEPSPEED) env_check+=(ACCELERATE_USE_DEEPSPEED=true) ;;
+  DEEPSPEED)
+    env_check+=(ACCELERATE_USE_DEEPSPEED=true)
+    [[ "$DS_FILE" == - ]] || env_check+=(ACCELERATE_DEEPSPEED_CONFIG_FILE="$DS_FILE") ;;
 esac
 
 # Check the config once, as the launched processes will see it: a bad config or a

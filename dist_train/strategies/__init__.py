@@ -64,7 +64,14 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[boo
                 f"config key 'dist.strategy': {requested.value} under accelerate launch, which sets up processes "
                 "and mixed precision itself; use dist.strategy=auto (or accelerate), or start the job with "
                 "launch/torchrun.sh")
-        return Plan("accelerate", _accelerate_precision(precision, env, cuda))
+        precision = _accelerate_precision(precision, env, cuda)
+        if env_true("ACCELERATE_USE_DEEPSPEED", env):
+            # Accelerate decided the precision; the DeepSpeed JSON must agree with it.
+            import dataclasses
+
+            _deepspeed_precision(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision)),
+                                 env, cuda)
+        return Plan("accelerate", precision)
     if requested == StrategyName.accelerate:
         raise ConfigError("config key 'dist.strategy': accelerate needs a job started by accelerate launch; "
                           "use launch/accelerate.sh, or dist.strategy=auto")
@@ -81,11 +88,11 @@ def _deepspeed_precision(cfg: Config, env: Mapping[str, str], cuda: bool) -> Pre
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("config key 'dist.strategy': deepspeed is not installed; pip install 'dist_train[deepspeed]'")
+        raise ConfigError("DeepSpeed is not installed; pip install 'dist_train[deepspeed]'")
     from dist_train.strategies.deepspeed import deepspeed_config
 
     world = _world_size(env) if "WORLD_SIZE" in env else None  # None: a launcher's preflight
-    _, precision = deepspeed_config(cfg, world)
+    _, precision = deepspeed_config(cfg, world, env)
     if precision == Precision.fp16 and not cuda and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
         # What DeepSpeed's CPU accelerator checks; it would fail later with "fp16 is not supported".
         raise ConfigError("DeepSpeed runs fp16 on a CPU only where oneDNN supports fp16, and this CPU's does not; "
@@ -104,7 +111,12 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
             "which decides it under accelerate launch; set train.precision=auto (or to the same value), or change "
             "--mixed_precision / the Accelerate config")
     # The silent fallbacks of Accelerate on a CPU-only machine, caught before anything starts.
-    if not cuda:
+    deepspeed = env_true("ACCELERATE_USE_DEEPSPEED", env)
+    if not cuda and deepspeed and env_true("ACCELERATE_USE_CPU", env):
+        raise ConfigError("the Accelerate config asks for DeepSpeed, which Accelerate drops for plain data-parallel "
+                          "under ACCELERATE_USE_CPU=true; on a CPU launch without it (launch/accelerate.sh does): "
+                          "dist_train runs DeepSpeed's CPU accelerator over gloo")
+    if not cuda and not deepspeed:
         if _world_size(env) > 1 and not env_true("ACCELERATE_USE_CPU", env):
             raise ConfigError(
                 f"accelerate launch started {_world_size(env)} processes on a machine without GPUs, but without "
@@ -116,12 +128,11 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
                 "accelerate launch --cpu starts a single process whatever --num_processes says (its multi-process "
                 "CPU mode is mpirun); use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
                 "(launch/accelerate.sh does this)")
-        for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if env_true(var, env):
-                raise ConfigError(
-                    f"the Accelerate config asks for {what}, which Accelerate runs only on GPUs: on this machine it "
-                    f"would silently train plain data-parallel instead; for sharding on a CPU use "
-                    f"dist.strategy=fsdp with launch/torchrun.sh")
+        if env_true("ACCELERATE_USE_FSDP", env):
+            raise ConfigError(
+                "the Accelerate config asks for FSDP, which Accelerate runs only on GPUs: on this machine it would "
+                "silently train plain data-parallel instead; for sharding on a CPU use dist.strategy=fsdp with "
+                "launch/torchrun.sh, or DeepSpeed (configs/accelerate/deepspeed.yaml)")
     if env_true("ACCELERATE_USE_FSDP", env) and env.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("the Accelerate config asks for FSDP version 1; dist_train supports FSDP2: set "
                           "fsdp_version: 2 in fsdp_config (configs/accelerate/fsdp2.yaml)")
@@ -150,6 +161,10 @@ def create(plan: Plan, dist, device: torch.device, cfg: Optional[Config] = None)
     if plan.strategy == "fsdp" and not dist.distributed:
         raise ConfigError("config key 'dist.strategy': fsdp shards over processes and needs at least 2; start "
                           "it with launch/torchrun.sh (NPROC_PER_NODE=2 or more)")
+    if plan.strategy == "accelerate" and env_true("ACCELERATE_USE_DEEPSPEED"):
+        from dist_train.strategies.deepspeed import AccelerateDeepSpeedStrategy
+
+        return AccelerateDeepSpeedStrategy(dist, device, cfg)
     if plan.strategy == "accelerate":
         from dist_train.strategies.accelerate import AccelerateStrategy
 

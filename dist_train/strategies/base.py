@@ -101,6 +101,10 @@ class Strategy:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def num_parameters(self, model: torch.nn.Module) -> int:
+        """The whole model's parameter count (a DTensor's numel is the global one)."""
+        return sum(p.numel() for p in self.unwrap(model).parameters())
+
     def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """Every parameter, whole (collective where sharded: call on every rank)."""
         return [full(p.detach()) for p in self.unwrap(model).parameters()]

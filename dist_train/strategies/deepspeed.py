@@ -42,6 +42,7 @@ import torch
 
 from dist_train.config import Config, Precision
 from dist_train.errors import ConfigError, TrainingError
+from dist_train.strategies import env_true
 from dist_train.strategies.base import OptimizerFactory, Strategy, global_norm
 
 #: What dist.deepspeed_config=null means: the same as configs/deepspeed/zero2.json.
@@ -155,15 +156,17 @@ class _Builder:
         return precision
 
 
-def deepspeed_config(cfg: Config, world_size: Optional[int] = None) -> tuple[dict[str, Any], Precision]:
+def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping[str, str] = os.environ
+                     ) -> tuple[dict[str, Any], Precision]:
     """The DeepSpeed config for this run and its precision; ConfigError (one line) on any contradiction.
 
     `world_size` None (a launcher's preflight, before the workers exist) checks
     everything that does not depend on it and leaves the micro batch "auto".
+    Under `accelerate launch` the JSON is the Accelerate config's deepspeed_config_file.
     """
     from dist_train.clip import build_policy
 
-    path = cfg.dist.deepspeed_config
+    path = json_path(cfg, env)
     data = read_json(path) if path is not None else DEFAULT_JSON
     b = _Builder(cfg, data, f"'{path}'" if path is not None else "(default)")
     t, o = cfg.train, cfg.optim
@@ -250,6 +253,22 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None) -> tuple[dic
     return b.ds, precision
 
 
+def json_path(cfg: Config, env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """dist.deepspeed_config, or under accelerate launch the Accelerate config's DeepSpeed JSON."""
+    ours = cfg.dist.deepspeed_config
+    if not env_true("ACCELERATE_USE_DEEPSPEED", env):
+        return ours
+    theirs = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not theirs:
+        raise ConfigError("the Accelerate config's deepspeed_config has no deepspeed_config_file; dist_train reads "
+                          "DeepSpeed's settings from a JSON: set deepspeed_config_file (configs/accelerate/deepspeed.yaml)")
+    if ours is not None and os.path.realpath(ours) != os.path.realpath(theirs):
+        raise ConfigError(f"config key 'dist.deepspeed_config': '{ours}' but the Accelerate config names "
+                          f"'{theirs}'; under accelerate launch the Accelerate config decides, so remove "
+                          "dist.deepspeed_config")
+    return theirs
+
+
 def _auto_left(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [k for key, v in node.items() for k in _auto_left(v, f"{prefix}{key}.")]
@@ -276,12 +295,17 @@ class DeepSpeedStrategy(Strategy):
         self._skip_update = False
 
     def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
-        import deepspeed
+        import torch.distributed as dist
 
+        if not dist.is_initialized():
+            # One process (no launcher, or a launcher with one process): DeepSpeed still needs a group.
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            for var in ("RANK", "LOCAL_RANK"):
+                os.environ.setdefault(var, "0")  # DeepSpeed reads them
+            os.environ.setdefault("WORLD_SIZE", "1")
         optimizer = make_optimizer(list(model.parameters()))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(self.config),
-                                               dist_init_required=False)
-        self.engine = engine
+        self.engine = engine = self._initialize(model, optimizer)
         if self.own_norm:
             # The engine would step on a NaN/Inf gradient here: the step dist_train skips never reaches AdamW.
             inner = optimizer.step
@@ -292,6 +316,13 @@ class DeepSpeedStrategy(Strategy):
             optimizer.step = types.MethodType(step, optimizer)  # a bound method, as LR schedulers expect
         # The scheduler and the trainer see the torch AdamW: its param_groups are the engine's.
         return engine, optimizer
+
+    def _initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(self.config),
+                                               dist_init_required=False)
+        return engine
 
     def describe(self) -> str:
         precision = {"no": "fp32"}.get(self.precision.value, self.precision.value)
@@ -344,6 +375,9 @@ class DeepSpeedStrategy(Strategy):
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.module if hasattr(model, "module") else model
 
+    def num_parameters(self, model: torch.nn.Module) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrap(model).parameters())  # ZeRO-3: partitioned
+
     def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """The fp32 weights, whole (the optimizer's master copy where the model runs in bf16/fp16 or is
         partitioned; a collective from stage 1 on: call on every rank)."""
@@ -367,6 +401,36 @@ class DeepSpeedStrategy(Strategy):
         if client_state is None:
             raise ConfigError(f"no DeepSpeed checkpoint in '{path}' (no 'latest' file)")
         return client_state
+
+
+class AccelerateDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed through `accelerate launch`: Accelerate starts the processes and its `prepare` runs
+    `deepspeed.initialize` with the config dist_train filled; the step drives the engine exactly as
+    under dist.strategy=deepspeed, so the raw norm still comes from the engine. Never
+    `accelerator.backward`: it would step the engine before the threshold is handed over."""
+
+    def __init__(self, dist, device: torch.device, cfg: Config):
+        super().__init__(dist, device, cfg)
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
+
+        # The process group's backend, given explicitly: on a CPU Accelerate would otherwise make
+        # every rank process 0 of 1 while the engine still reduces over all of them.
+        handlers = [InitProcessGroupKwargs(backend=dist.backend)] if dist.backend else []
+        plugin = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(self.config))
+        self.accelerator = acc = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
+        if acc.distributed_type != DistributedType.DEEPSPEED or acc.num_processes != dist.world_size:
+            raise ConfigError(
+                f"the Accelerate config asks for DeepSpeed over {dist.world_size} processes, but Accelerate set up "
+                f"{acc.distributed_type.value} over {acc.num_processes}; check the Accelerate config's "
+                "distributed_type and that ACCELERATE_USE_CPU is not set")
+
+    def _initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        engine, _ = self.accelerator.prepare(model, optimizer)
+        return engine
+
+    def describe(self) -> str:
+        return f"Accelerate {self.accelerator.distributed_type.value}: " + super().describe()
 
 
 def _version() -> str:
