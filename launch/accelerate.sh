@@ -58,7 +58,7 @@ try:
     fsdp = c.get("fsdp_config") or {}
     ds_file = (c.get("deepspeed_config") or {}).get("deepspeed_config_file") or "-"
     print(c.get("distributed_type", "NO"), c.get("num_processes", 1), c.get("num_machines", 1),
-          str(c.get("mixed_precision", "no")).lower(), fsdp.get("fsdp_version", 1),
+          "no" if c.get("mixed_precision") is False else str(c.get("mixed_precision", "no")).lower(), fsdp.get("fsdp_version", 1),
           str(fsdp.get("fsdp_offload_params", False)).lower(), int(torch.cuda.is_available()), ds_file)
 except Exception as e:
     print(" ".join(f"{type(e).__name__}: {e}".split()))

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs/debug.yaml"
+#: A short debug run for end-to-end comparisons of launchers and strategies.
+FAST = ["train.max_steps=12", "optim.warmup_steps=4", "logging.every=4", "logging.progress=plain"]
 
 
 def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -31,3 +34,19 @@ def no_wandb_env(monkeypatch):
         if k.startswith("WANDB_"):
             monkeypatch.delenv(k)
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def single_runs(tmp_path_factory):
+    """Single-process fp32 runs of the debug config: clean, and with a NaN at forward call 5 (step 6)."""
+    from dist_train.cli import main
+
+    root = tmp_path_factory.mktemp("single")
+    os.environ["NAN_CALLS"] = "5"
+    try:
+        for name, extra in (("clean", []), ("nan", ["model.factory=tests.helpers:nan_gpt"])):
+            assert main(["train", "-c", str(DEBUG), f"run.out_dir={root / name}", *FAST,
+                         "logging.wandb.mode=disabled", *extra]) == 0
+    finally:
+        del os.environ["NAN_CALLS"]
+    return root

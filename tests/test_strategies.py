@@ -22,11 +22,10 @@ from dist_train.errors import ConfigError
 from dist_train.metrics import read_jsonl
 from dist_train.strategies import Plan, resolve
 from dist_train.trainer import build, optimizer_step
-from tests.conftest import ROOT
+from tests.conftest import DEBUG, FAST, ROOT
 from tests.dist_utils import spawn
 from tests.test_train import assert_wandb_matches_jsonl
 
-DEBUG = ROOT / "configs/debug.yaml"
 CPU = torch.device("cpu")
 STEPS = 4
 # Small and clipping hard, so that which norm is clipped matters.
@@ -308,9 +307,6 @@ def test_accelerate_bf16_matches_fp32_within_bf16_rounding():
 
 
 # ---- Accelerate, end to end with launch/accelerate.sh --------------------------------------------
-FAST = ["train.max_steps=12", "optim.warmup_steps=4", "logging.every=4", "logging.progress=plain"]
-
-
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_", "ACCELERATE_", "FSDP_"))}
@@ -321,22 +317,6 @@ def _env(**extra):
 def _script(script: str, *args: str, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", script, *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def single_runs(tmp_path_factory):
-    """Single-process fp32 runs of the debug config: clean, and with a NaN at forward call 5 (step 6)."""
-    from dist_train.cli import main
-
-    root = tmp_path_factory.mktemp("single")
-    os.environ["NAN_CALLS"] = "5"
-    try:
-        for name, extra in (("clean", []), ("nan", ["model.factory=tests.helpers:nan_gpt"])):
-            assert main(["train", "-c", str(DEBUG), f"run.out_dir={root / name}", *FAST,
-                         "logging.wandb.mode=disabled", *extra]) == 0
-    finally:
-        del os.environ["NAN_CALLS"]
-    return root
 
 
 def assert_same_trajectory(rows, ref, rel):
@@ -485,7 +465,6 @@ def test_accelerate_silent_cpu_fallbacks_are_refused(tmp_path, args, env, fragme
         ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "MACHINE_RANK must be a whole number from 0 to NUM_MACHINES-1=1"),
         ({"NUM_MACHINES": "2", "MACHINE_RANK": "1"}, "needs MAIN_PROCESS_IP"),
         ({"ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}, "asks for FSDP, which Accelerate runs only on GPUs"),
-        ({"ACCELERATE_CONFIG": "configs/accelerate/deepspeed.yaml"}, "asks for DeepSpeed"),
     ],
 )
 def test_accelerate_script_rejects_bad_settings_before_launching(env, fragment):
@@ -518,6 +497,14 @@ def test_precision_that_contradicts_accelerate_fails_at_config_load():
         ([], {"ACCELERATE_MIXED_PRECISION": "fp8"}, "mixed precision 'fp8'"),
         ([], {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
          "FSDP version 1"),
+        ([], {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "true"}, "no deepspeed_config_file"),
+        ([], {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_DEEPSPEED": "true",
+              "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "configs/deepspeed/zero2_fp16.json")},
+         "sets fp16.enabled=true, but Accelerate's mixed_precision=bf16 gives false"),
+        (["dist.deepspeed_config=configs/deepspeed/zero1.json"],
+         {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "true",
+          "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "configs/deepspeed/zero2.json")},
+         "the Accelerate config decides"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(overrides, env, fragment):
@@ -542,10 +529,24 @@ def test_the_refusal_happens_at_config_load():
         ([], {"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true"},
          Plan("accelerate", Precision.bf16)),
         (["train.precision=fp16"], {"ACCELERATE_MIXED_PRECISION": "fp16"}, Plan("accelerate", Precision.fp16)),
+        # DeepSpeed on a CPU: no ACCELERATE_USE_CPU (it would drop DeepSpeed); the JSON's "auto" takes bf16.
+        ([], {"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true",
+              "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "configs/deepspeed/zero3.json")},
+         Plan("accelerate", Precision.bf16)),
+        (["dist.strategy=deepspeed"], {"WORLD_SIZE": "2"}, Plan("deepspeed", Precision.no)),
+        (["dist.strategy=deepspeed", "dist.deepspeed_config=configs/deepspeed/zero1_bf16.json"], {},
+         Plan("deepspeed", Precision.bf16)),
     ],
 )
 def test_auto_resolves_from_the_launcher(overrides, env, want):
     assert resolve(_unresolved_cfg(overrides), env, cuda=False) == want
+
+
+def test_accelerate_deepspeed_with_use_cpu_is_refused_on_a_cpu():
+    env = {"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true",
+           "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "configs/deepspeed/zero2.json"}
+    with pytest.raises(ConfigError, match="Accelerate drops for plain data-parallel under ACCELERATE_USE_CPU"):
+        resolve(_unresolved_cfg([]), env, cuda=False)
 
 
 def _unresolved_cfg(overrides):

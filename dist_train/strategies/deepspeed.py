@@ -116,7 +116,7 @@ class _Builder:
                               f"{json.dumps(node)}")
         return node
 
-    def precision(self, requested: Precision) -> Precision:
+    def precision(self, requested: Precision, source: str) -> Precision:
         enabled = {}
         for name in ("bf16", "fp16"):
             value = self.section(name).get("enabled", "auto")
@@ -137,13 +137,15 @@ class _Builder:
             precision = asked[0] if asked else Precision.no
         else:
             precision = requested
-            for name in ("bf16", "fp16"):
+            for name in sorted(("bf16", "fp16"), key=lambda n: enabled[n] is not True):  # an enabled one first
                 want = precision == Precision(name)
                 if enabled[name] != "auto" and enabled[name] is not want:
+                    fix = ("set train.precision=auto to take the precision from the JSON" if source == "train.precision"
+                           else "change mixed_precision in the Accelerate config")
                     raise ConfigError(
                         f"DeepSpeed config {self.source} sets {name}.enabled={json.dumps(enabled[name])}, but "
-                        f"train.precision={precision.value} gives {json.dumps(want)}; set {name}.enabled to \"auto\" "
-                        f"so dist_train fills it, or set train.precision=auto to take the precision from the JSON")
+                        f"{source}={precision.value} gives {json.dumps(want)}; set {name}.enabled to \"auto\" so "
+                        f"dist_train fills it, or {fix}")
         for name in ("bf16", "fp16"):
             self.ds.setdefault(name, {})
             self.ds[name]["enabled"] = precision == Precision(name)
@@ -197,7 +199,8 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
     b.own("gradient_clipping", "clip.max_norm" if policy.clips else "clip.policy=none",
           threshold if math.isfinite(threshold) else 0.0)
 
-    precision = b.precision(t.precision)
+    precision = b.precision(t.precision, "Accelerate's mixed_precision" if "ACCELERATE_MIXED_PRECISION" in env
+                            else "train.precision")
 
     if "optimizer" in b.ds:
         opt = b.section("optimizer")
