@@ -28,6 +28,7 @@ from tests.conftest import ROOT
 
 CONFIG = str(ROOT / "configs/debug.yaml")
 LAUNCH = str(ROOT / "launch/torchrun.sh")
+DS_LAUNCH = str(ROOT / "launch/deepspeed.sh")
 SMALL = ["train.max_steps=3", "optim.warmup_steps=0"]
 TRAIN = ["train", "--config", CONFIG, "run.out_dir=out", "logging.wandb.mode=disabled", *SMALL]
 ERROR = "dist-train: error:"
@@ -39,7 +40,7 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
                  "FSDP_OFFLOAD_PARAMS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
 #: Settings of launch/torchrun.sh stripped from every case's environment.
 LAUNCH_VARS = ("CONFIG", "COMMAND", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_TIMEOUT",
-               "MAX_RESTARTS", "PYTHON")
+               "MAX_RESTARTS", "PYTHON", "DS_CONFIG", "LAUNCHER", "NUM_PROCESSES", "HOSTFILE")
 TIMEOUT = 60  # a case that hangs (a FIFO opened for reading) fails after this
 
 
@@ -66,10 +67,14 @@ class Case:
     """A positive control: exit `code`, then this check instead of the one-line rule."""
     fragment_from_cli: bool = False
     """A launch case whose error comes from dist-train (the script's config check), not from the script."""
+    script: str = LAUNCH
+    """The launch script of a launch case."""
 
     @property
     def prefix(self) -> str:
-        return LAUNCH_ERROR if self.launch and not self.fragment_from_cli else ERROR
+        if self.launch and not self.fragment_from_cli:
+            return f"launch/{Path(self.script).name}:"
+        return ERROR
 
 
 FIFO = "<fifo>"
@@ -113,6 +118,17 @@ def launch(*overrides: str, **env: str) -> dict:
     """A launch/torchrun.sh case: absolute run.out_dir under the case dir, the given settings."""
     return dict(args=["run.out_dir={d}/out", "logging.wandb.mode=disabled", *SMALL, *overrides], env=env,
                 launch=True)
+
+
+def ds_launch(*overrides: str, **env: str) -> dict:
+    """A launch/deepspeed.sh case."""
+    return {**launch(*overrides, **env), "script": DS_LAUNCH}
+
+
+def deepspeed(json_text: Optional[str], *overrides: str) -> dict:
+    """A dist.strategy=deepspeed case with the DeepSpeed JSON `json_text` as ds.json (None: no JSON)."""
+    args = [*TRAIN, "dist.strategy=deepspeed", *(["dist.deepspeed_config=ds.json"] if json_text else []), *overrides]
+    return dict(args=args, files={"ds.json": json_text} if json_text else {})
 
 
 # ---- positive controls --------------------------------------------------------------------------------
@@ -265,7 +281,66 @@ CASES = [
          **launch(MAX_RESTARTS="-1", NPROC_PER_NODE="2")),
     Case("launch_bad_override", fragment="unknown config key 'train.bogus'", fragment_from_cli=True,
          **launch("train.bogus=1", NPROC_PER_NODE="2")),
+    # ---- DeepSpeed: a JSON that contradicts the config names the key to change ---------------------------
+    Case("ds_batch_size", fragment="sets train_batch_size=64, but train.global_batch_size gives 32",
+         **deepspeed('{"train_batch_size": 64}')),
+    Case("ds_accumulation", fragment="sets gradient_accumulation_steps=4, but train.grad_accum_steps gives 1",
+         **deepspeed('{"gradient_accumulation_steps": 4}')),
+    Case("ds_micro_batch", fragment="train_micro_batch_size_per_gpu=5", **deepspeed('{"train_micro_batch_size_per_gpu": 5}')),
+    Case("ds_clipping", fragment="sets gradient_clipping=0.5, but clip.max_norm gives 1.0",
+         **deepspeed('{"gradient_clipping": 0.5}')),
+    Case("ds_clipping_with_policy_none", fragment="clip.policy=none gives 0.0",
+         **deepspeed('{"gradient_clipping": 1.0}', "clip.policy=none")),
+    Case("ds_precision", fragment="sets bf16.enabled=true, but train.precision=no gives false",
+         **deepspeed('{"bf16": {"enabled": true}}', "train.precision=no")),
+    Case("ds_both_precisions", fragment="enables both bf16 and fp16",
+         **deepspeed('{"bf16": {"enabled": true}, "fp16": {"enabled": true}}')),
+    Case("ds_fp16_on_this_cpu", fragment="this CPU's does not", **deepspeed('{"fp16": {"enabled": true}}')),
+    Case("ds_optimizer_lr", fragment="sets optimizer.params.lr=0.1, but optim.lr gives 0.003",
+         **deepspeed('{"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}')),
+    Case("ds_optimizer_type", fragment="optimizer type \"Lamb\"", **deepspeed('{"optimizer": {"type": "Lamb"}}')),
+    Case("ds_scheduler", fragment="remove the 'scheduler' section",
+         **deepspeed('{"scheduler": {"type": "WarmupLR"}}')),
+    Case("ds_wandb_monitor", fragment="wandb.enabled=true; dist_train logs itself",
+         **deepspeed('{"wandb": {"enabled": true}}')),
+    Case("ds_stage_5", fragment="zero_optimization.stage must be 0, 1, 2 or 3",
+         **deepspeed('{"zero_optimization": {"stage": 5}}')),
+    Case("ds_offload", fragment="offload_optimizer is not supported",
+         **deepspeed('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}')),
+    Case("ds_no_norm", fragment="compute_grad_norm=false leaves no gradient norm",
+         **deepspeed('{"zero_optimization": {"stage": 2, "compute_grad_norm": false}}')),
+    Case("ds_unfilled_auto", fragment="zero_optimization.reduce_bucket_size is \"auto\"",
+         **deepspeed('{"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}')),
+    Case("ds_bf16_overflow_check_off", fragment="bf16.check_grad_overflow=false lets a NaN/Inf gradient",
+         **deepspeed('{"bf16": {"enabled": true, "check_grad_overflow": false}}')),
+    Case("ds_not_json", fragment="is not valid JSON", **deepspeed('{"zero_optimization": ')),
+    Case("ds_json_list", fragment="must hold a JSON object", **deepspeed("[1, 2]")),
+    Case("ds_json_missing", [*TRAIN, "dist.strategy=deepspeed", "dist.deepspeed_config=missing.json"],
+         "'missing.json' not found"),
+    Case("ds_replica_check_zero3", fragment="fp32 weights are partitioned",
+         **deepspeed('{"zero_optimization": {"stage": 3}}', "dist.check_sync_every=5")),
+    Case("ds_clip_eps", fragment="clips with eps 1e-6", **deepspeed(None, "clip.eps=1e-4")),
+    # ---- launch/deepspeed.sh ----------------------------------------------------------------------------
+    Case("ds_launch_launcher", fragment="LAUNCHER must be deepspeed or torchrun", **ds_launch(LAUNCHER="mpi")),
+    Case("ds_launch_nproc_zero", fragment="NUM_PROCESSES must be a whole number >= 1",
+         **ds_launch(NUM_PROCESSES="0")),
+    Case("ds_launch_config_missing", fragment="DS_CONFIG=nope.json is not a file", **ds_launch(DS_CONFIG="nope.json")),
+    Case("ds_launch_hostfile_missing", fragment="HOSTFILE=nope is not a file", **ds_launch(HOSTFILE="nope")),
+    Case("ds_launch_hostfile_and_nproc", fragment="set NUM_PROCESSES or HOSTFILE, not both",
+         files={"hosts": "localhost slots=2\n"}, **ds_launch(HOSTFILE="{d}/hosts", NUM_PROCESSES="2")),
+    Case("ds_launch_hostfile_without_slots", fragment="has no line of the form 'hostname slots=N'",
+         files={"hosts": "localhost\n"}, **ds_launch(HOSTFILE="{d}/hosts")),
+    Case("ds_launch_port", fragment="MASTER_PORT must be a port number", **ds_launch(MASTER_PORT="http")),
+    Case("ds_launch_torchrun_with_nproc", fragment="NUM_PROCESSES is for LAUNCHER=deepspeed",
+         **ds_launch(LAUNCHER="torchrun", NUM_PROCESSES="2")),
+    Case("ds_launch_bad_json", fragment="sets train_batch_size=64", fragment_from_cli=True,
+         files={"ds.json": '{"train_batch_size": 64}'}, **ds_launch(DS_CONFIG="{d}/ds.json", NUM_PROCESSES="2")),
     # ---- positive controls ----------------------------------------------------------------------------
+    Case("ok_ds_json_without_clipping", ["train", "--check", "--config", CONFIG, "run.out_dir=out",
+                                         "dist.strategy=deepspeed", "dist.deepspeed_config=ds.json"],
+         files={"ds.json": '{"zero_optimization": {"stage": 1}, "train_batch_size": 32, "gradient_clipping": "auto",'
+                           ' "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95]}}}'},
+         code=0, control=_config_ok),
     Case("ok_precision_no", ["train", "--check", "--config", CONFIG, "run.out_dir=out", "train.precision=no"],
          code=0, control=_config_ok),
     Case("ok_precision_fp32", ["train", "--check", "--config", CONFIG, "run.out_dir=out", "train.precision=fp32"],
@@ -332,7 +407,7 @@ def _run(case: Case, base: Path) -> Result:
     args = [a.format(d=d) for a in case.args]
     if case.launch:
         env["PYTHON"] = sys.executable
-        cmd = ["bash", LAUNCH, *args]
+        cmd = ["bash", case.script, *args]
     else:
         cmd = [sys.executable, "-m", "dist_train", *args]
     t0 = time.monotonic()

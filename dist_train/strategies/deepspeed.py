@@ -93,18 +93,18 @@ class _Builder:
         self.ds = copy.deepcopy(data)
         self.source = source
 
-    def fail(self, ds_key: str, value: Any, ours: str, want: Any) -> None:
+    def fail(self, ds_key: str, value: Any, ours: str, want: Any, change: Optional[str] = None) -> None:
         raise ConfigError(
             f"DeepSpeed config {self.source} sets {ds_key}={json.dumps(value)}, but {ours} gives {json.dumps(want)}; "
-            f"set {ds_key} to \"auto\" (or remove it) so dist_train fills it, or change {ours}")
+            f"set {ds_key} to \"auto\" (or remove it) so dist_train fills it, or change {change or ours}")
 
-    def own(self, ds_key: str, ours: str, want: Any) -> None:
+    def own(self, ds_key: str, ours: str, want: Any, change: Optional[str] = None) -> None:
         """Fill a key dist_train owns: absent or "auto" takes our value; any other must be equal."""
         section, _, leaf = ds_key.rpartition(".")
         node = self.ds.setdefault(section, {}) if section else self.ds
         value = node.get(leaf, "auto")
         if value != "auto" and not _same(value, want):
-            self.fail(ds_key, value, ours, want)
+            self.fail(ds_key, value, ours, want, change)
         node[leaf] = want
 
     def section(self, name: str) -> dict[str, Any]:
@@ -178,12 +178,15 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
     micro = b.ds.get("train_micro_batch_size_per_gpu", "auto")
     if world_size is not None:
         b.own("train_micro_batch_size_per_gpu",
-              f"train.global_batch_size/(world size {world_size} x train.grad_accum_steps)",
-              t.global_batch_size // (world_size * t.grad_accum_steps))
-    elif micro != "auto" and (not isinstance(micro, int) or micro <= 0
+              f"train.global_batch_size / ({world_size} processes x train.grad_accum_steps)",
+              t.global_batch_size // (world_size * t.grad_accum_steps),
+              "train.global_batch_size or train.grad_accum_steps")
+    elif micro != "auto" and (not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0
                               or t.global_batch_size % (micro * t.grad_accum_steps)):
-        b.fail("train_micro_batch_size_per_gpu", micro, "train.global_batch_size/(world size x train.grad_accum_steps)",
-               "auto")
+        raise ConfigError(
+            f"DeepSpeed config {b.source} sets train_micro_batch_size_per_gpu={json.dumps(micro)}, which does not "
+            f"divide train.global_batch_size={t.global_batch_size} into train.grad_accum_steps={t.grad_accum_steps} "
+            "micro-batches per rank; set it to \"auto\" so dist_train fills it from the world size")
 
     policy = build_policy(cfg.clip)
     if policy.needs_current_norm or policy.needs_parameters:
