@@ -92,8 +92,9 @@ def _worker(tmp: str):
         os.environ["NAN_CALLS"] = "1"
         for stage in STAGES:
             for variant in ("", "_bf16"):
-                out[f"z{stage}{variant}_nan"] = _run(
-                    build(_ds(stage, 1, "model.factory=tests.helpers:nan_gpt", variant=variant), state, CPU), 3)
+                s = build(_ds(stage, 1, "model.factory=tests.helpers:nan_gpt", variant=variant), state, CPU)
+                out[f"z{stage}{variant}_nan"] = _run(s, 3)
+                out[f"z{stage}{variant}_nan"]["engine_skipped"] = s.strategy.engine.skipped_steps
         del os.environ["NAN_CALLS"]
 
         # engine.save_checkpoint / load_checkpoint: a fresh engine resumes the same trajectory.
@@ -195,6 +196,8 @@ def test_nan_step_is_skipped_with_a_null_norm_and_the_run_goes_on(ds, stage, var
         assert math.isfinite(run["raw"][0]) and math.isfinite(run["raw"][2]) and run["raw"][2] != run["raw"][0]
         torch.testing.assert_close(run["params"][1], run["params"][0], rtol=0, atol=0)  # untouched
         assert not torch.equal(run["params"][2], run["params"][1])  # and training went on
+        # The engine counted the same skip, except where it has no check (stage 0 in fp32: dist_train skips).
+        assert run["engine_skipped"] == (0 if (stage, variant) == (0, "") else 1)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -330,3 +333,50 @@ def test_verify_with_deepspeed(launcher):
                 DS_CONFIG="configs/deepspeed/zero3.json", **env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "strategy deepspeed" in p.stdout and "verdict: PASS" in p.stdout
+
+
+# ---- fp16 -------------------------------------------------------------------------------------------
+def _fp16_worker():
+    """DeepSpeed's fp16 on this CPU. DeepSpeed allows fp16 on a CPU only where oneDNN has fp16 kernels
+    (a speed gate: torch computes fp16 on any CPU); this machine's has not, so the gate is opened here,
+    in the test process only, to run DeepSpeed's real loss scaler and overflow handling."""
+    import dist_train.strategies
+    from deepspeed.accelerator import get_accelerator
+
+    dist_train.strategies.cpu_fp16_supported = lambda: True
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    state = DistState.from_env()
+    out = {}
+    os.environ["OVERFLOW_CALLS"] = "1,2"
+    # 3e5: overflows fp16 at every stage (3e4 overflowed the fp16 gradients of ZeRO 1-3 but not stage 0's).
+    os.environ["OVERFLOW_FACTOR"] = "3e5"
+    with state.session(CPU, "gloo", timeout_s=120):
+        for stage in STAGES:
+            s = build(_ds(stage, 1, "model.factory=tests.helpers:overflow_gpt", variant="_fp16"), state, CPU)
+            out[stage] = _run(s, 4)
+            out[stage]["engine_skipped"] = s.strategy.engine.skipped_steps
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16():
+    return spawn(_fp16_worker, 2, timeout=600)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fp16_overflow_is_skipped_with_a_null_norm_and_the_scale_halves(fp16, ref, stage):
+    """overflow_gpt multiplies the logits of steps 2 and 3 by 3e5: an fp16 overflow. The engine skips both
+    steps and lowers its scale: ZeRO 1-3 honour hysteresis 2 (DeepSpeed's default, as in the shipped JSONs)
+    and halve after the second overflow; stage 0's fp16 optimizer halves after each (measured)."""
+    for rank in (0, 1):
+        run = fp16[rank][stage]
+        assert run["dtypes"] == {torch.float16}
+        assert run["skipped"] == [False, True, True, False] and run["engine_skipped"] == 2
+        assert math.isnan(run["raw"][1]) and math.isnan(run["raw"][2]), "never the previous step's norm, never -1"
+        torch.testing.assert_close(run["params"][2], run["params"][0], rtol=0, atol=0)
+        # The scale each step's backward used, read before the engine's step lowers it.
+        assert run["loss_scale"] == ([2.0**16, 2.0**16, 2.0**15, 2.0**14] if stage == 0 else
+                                     [2.0**16, 2.0**16, 2.0**16, 2.0**15])
+    # Unscaled before the norm: step 1 matches fp32 within fp16's rounding (a norm taken on scaled gradients
+    # would be 65536 times larger; 2e-3 is a few fp16 ulps compounded over the model).
+    assert fp16[0][stage]["raw"][0] == pytest.approx(ref[1]["raw"][0], rel=2e-3)

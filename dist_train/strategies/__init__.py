@@ -93,11 +93,16 @@ def _deepspeed_precision(cfg: Config, env: Mapping[str, str], cuda: bool) -> Pre
 
     world = _world_size(env) if "WORLD_SIZE" in env else None  # None: a launcher's preflight
     _, precision = deepspeed_config(cfg, world, env)
-    if precision == Precision.fp16 and not cuda and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+    if precision == Precision.fp16 and not cuda and not cpu_fp16_supported():
         # What DeepSpeed's CPU accelerator checks; it would fail later with "fp16 is not supported".
         raise ConfigError("DeepSpeed runs fp16 on a CPU only where oneDNN supports fp16, and this CPU's does not; "
                           "use train.precision=bf16 (or fp32) and a DeepSpeed JSON without fp16, or a GPU")
     return precision
+
+
+def cpu_fp16_supported() -> bool:
+    """Whether DeepSpeed's CPU accelerator allows fp16 here (it asks oneDNN, as this does)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
 def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bool) -> Precision:
