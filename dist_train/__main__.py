@@ -1,3 +1,3 @@
-from dist_train.cli import main
+from dist_train.cli import entry
 
-raise SystemExit(main())
+entry()
