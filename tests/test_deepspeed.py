@@ -215,15 +215,36 @@ def test_the_threshold_reaches_the_engine(ds, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_threshold_that_changes_every_step_reaches_the_engine_every_step(ds, stage):
     """StepClip alternates 1e6 and 1e-9: the same policy in one process gives the same trajectory."""
-    from dist_train.trainer import optimizer_step
-
     s = build(_cfg(2), DistState(), CPU, plan=Plan("single", Precision.no))
     s.policy = StepClip()
     ref = _run(s)
     run = ds[0][f"z{stage}_stepclip"]
     assert_raw_norms_match(run, ref, rel=1e-5)
     assert_same_params(run, ref)
-    del optimizer_step
+
+
+class CurrentNormClip(FixedClip):
+    name = "current"
+    needs_current_norm = True
+
+
+class PerParameterClip(FixedClip):
+    name = "per_parameter"
+    needs_parameters = True
+
+
+@pytest.mark.parametrize("policy, fragment", [(CurrentNormClip, "needs this step's gradient norm before clipping"),
+                                              (PerParameterClip, "needs per-parameter gradients")])
+def test_a_policy_the_engine_cannot_serve_is_refused_at_config_load(monkeypatch, policy, fragment):
+    from dist_train import clip
+    from dist_train.config import load_config
+    from dist_train.errors import ConfigError
+
+    monkeypatch.setitem(clip.POLICIES, policy.name, lambda cfg: policy(cfg.max_norm))
+    overrides = [f"clip.policy={policy.name}", "logging.wandb.mode=disabled"]
+    load_config(ROOT / "configs/debug.yaml", overrides)  # fine where dist_train clips
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(ROOT / "configs/debug.yaml", [*overrides, "dist.strategy=deepspeed"])
 
 
 def test_a_json_without_gradient_clipping_clips_at_clip_max_norm(ds, ref):

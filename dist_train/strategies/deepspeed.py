@@ -232,8 +232,8 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
         raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.stage must be 0, 1, 2 or 3, got "
                           f"{json.dumps(stage)}")
     for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none") if isinstance(zero.get(key) or {}, dict) else "?"
-        if device not in ("none", None):
+        offload = zero.get(key) or {}
+        if not isinstance(offload, dict) or offload.get("device", "none") not in ("none", None):
             raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.{key} is not supported by dist_train "
                               "yet; remove it")
     if zero.get("compute_grad_norm", True) is not True:
