@@ -100,13 +100,13 @@ def train_step(
     if strategy.engine_steps:
         # The engine reduces, unscales, clips and updates; the threshold comes from past norms only.
         threshold = policy.next_threshold(loss_sum.device)
-        raw, skipped = strategy.engine_step(threshold)
-        threshold = threshold.float()
-        coef = clip_coefficient(raw, threshold, eps)  # the engine's own formula (eps 1e-6)
+        raw, clipped, skipped = strategy.engine_step(threshold)
         if not skipped:
             policy.observe(raw)
-        return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=torch.minimum(raw, threshold),
-                           clip_coef=coef, threshold=threshold, skipped=skipped, loss_scale=loss_scale)
+        # Derived from the engine's arithmetic (it reports neither): min(raw, threshold), up to its eps.
+        coef = torch.where(raw == 0, torch.ones_like(raw), clipped / raw)
+        return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=clipped,
+                           clip_coef=coef, threshold=threshold.float(), skipped=skipped, loss_scale=loss_scale)
 
     grads = [p.grad for p in params if p.grad is not None]
     strategy.average_grads(grads)

@@ -98,6 +98,5 @@ def fail_at_first_step(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 
 
 def overflow_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """model.factory: an fp16 overflow at the 0-based forward calls listed in OVERFLOW_CALLS (the factor:
-    OVERFLOW_FACTOR, default 3e4)."""
-    return ScaleAt(TinyGPT(cfg, vocab_size), _calls("OVERFLOW_CALLS"), factor=float(os.environ.get("OVERFLOW_FACTOR", 3e4)))
+    """model.factory: an fp16 overflow at the 0-based forward calls listed in OVERFLOW_CALLS."""
+    return ScaleAt(TinyGPT(cfg, vocab_size), _calls("OVERFLOW_CALLS"), factor=3e4)

@@ -56,7 +56,7 @@ def _run(s, steps: int = STEPS) -> dict:
 
         return call
 
-    out = {"raw": [], "loss": [], "calls": [], "params": [], "skipped": [], "loss_scale": [], "dtypes": set()}
+    out = {"raw": [], "clipped": [], "loss": [], "calls": [], "params": [], "skipped": [], "loss_scale": [], "dtypes": set()}
     linear = next(m for m in s.model.modules() if isinstance(m, torch.nn.Linear))
     hook = linear.register_forward_hook(lambda mod, args, output: out["dtypes"].add(output.dtype))
     for step in range(steps):
@@ -69,6 +69,7 @@ def _run(s, steps: int = STEPS) -> dict:
             for name, fn in originals.items():
                 setattr(dist, name, fn)
         out["raw"].append(m.grad_norm_raw.item())
+        out["clipped"].append(m.grad_norm_clipped.item())
         out["loss"].append(s.dist.mean(m.loss).item())
         out["skipped"].append(m.skipped)
         out["loss_scale"].append(None if m.loss_scale is None else m.loss_scale.item())

@@ -53,6 +53,11 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[boo
     requested = cfg.dist.strategy
     precision = cfg.train.precision
     by_accelerate = ACCELERATE_MARKER in env
+    if cfg.dist.deepspeed_config is not None and requested != StrategyName.deepspeed and not (
+            by_accelerate and env_true("ACCELERATE_USE_DEEPSPEED", env)):
+        raise ConfigError(
+            f"config key 'dist.deepspeed_config' is set, but dist.strategy is {requested.value}, which does not use "
+            "it; set dist.strategy=deepspeed (launch/deepspeed.sh does), or remove dist.deepspeed_config")
     sharded = requested == StrategyName.fsdp or (by_accelerate and env_true("ACCELERATE_USE_FSDP", env))
     if sharded and cfg.dist.check_sync_every:
         raise ConfigError(
@@ -158,18 +163,19 @@ def create(plan: Plan, dist, device: torch.device, cfg: Optional[Config] = None)
     """The strategy object for this rank (after the process group exists)."""
     from dist_train.amp import build_amp
 
-    if plan.strategy == "deepspeed":
-        from dist_train.strategies.deepspeed import DeepSpeedStrategy
+    if plan.strategy == "deepspeed" or (plan.strategy == "accelerate" and env_true("ACCELERATE_USE_DEEPSPEED")):
+        import dataclasses
 
-        return DeepSpeedStrategy(dist, device, cfg)
+        from dist_train.strategies.deepspeed import AccelerateDeepSpeedStrategy, DeepSpeedStrategy
+
+        # The precision resolve() decided (from the JSON, or from Accelerate), so the JSON is filled with it.
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=plan.precision))
+        cls = DeepSpeedStrategy if plan.strategy == "deepspeed" else AccelerateDeepSpeedStrategy
+        return cls(dist, device, cfg)
 
     if plan.strategy == "fsdp" and not dist.distributed:
         raise ConfigError("config key 'dist.strategy': fsdp shards over processes and needs at least 2; start "
                           "it with launch/torchrun.sh (NPROC_PER_NODE=2 or more)")
-    if plan.strategy == "accelerate" and env_true("ACCELERATE_USE_DEEPSPEED"):
-        from dist_train.strategies.deepspeed import AccelerateDeepSpeedStrategy
-
-        return AccelerateDeepSpeedStrategy(dist, device, cfg)
     if plan.strategy == "accelerate":
         from dist_train.strategies.accelerate import AccelerateStrategy
 

@@ -92,9 +92,10 @@ class Strategy:
         """L2 norm over every gradient of the model (all shards), a 0-dim fp32 tensor."""
         return global_norm(grads)
 
-    def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Only where `engine_steps`: reduce, unscale, clip at `threshold` and update inside the engine;
-        return this step's raw norm (NaN when skipped) and whether the update was skipped."""
+        return this step's raw norm and the norm of the gradients applied (both NaN when skipped), and
+        whether the update was skipped."""
         raise NotImplementedError
 
     # ---- beyond the step -------------------------------------------------------------------

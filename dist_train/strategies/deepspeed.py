@@ -19,12 +19,14 @@ part after the last backward (`engine_step`):
   this step's. Stage 0 in fp32 reports none: there every rank holds the whole
   all-reduced gradient, and the norm is computed locally before the step (no
   collective);
-- a step the engine skipped (fp16 overflow, or a NaN/Inf norm, which the ZeRO
-  optimizers otherwise report as -1 or as the previous step's value) is logged
-  as skipped with a null norm; stage 0 in fp32 has no such check in the
-  engine, so dist_train skips that step itself;
-- `grad_norm/clipped` is derived as min(raw, threshold): the engine clips with
-  coef = threshold / (raw + 1e-6) and does not report the result.
+- a step the engine skipped (fp16 overflow, or a NaN/Inf norm; what the
+  engine then keeps as its norm is not this step's) is logged as skipped with
+  a null norm; stage 0 in fp32 has no such check in the engine, so dist_train
+  skips that step itself;
+- `grad_norm/clipped` is derived from the engine's clip, coef = threshold /
+  (raw + 1e-6) when below 1, which it does not report: min(raw, threshold) up
+  to 1e-6 (and on ZeRO-3 fp16 steps that raise the loss scale, what the
+  engine really applied; see `engine_step`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 from dist_train.config import Config, Precision
 from dist_train.errors import ConfigError, TrainingError
 from dist_train.strategies import env_true
+from dist_train.clip import clip_coefficient
 from dist_train.strategies.base import OptimizerFactory, Strategy, global_norm
 
 #: What dist.deepspeed_config=null means: the same as configs/deepspeed/zero2.json.
@@ -214,7 +217,7 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
         if not isinstance(params, dict):
             raise ConfigError(f"DeepSpeed config {b.source}: optimizer.params must be a JSON object")
         ours = {"lr": ("optim.lr", o.lr), "betas": ("optim.beta1/optim.beta2", [o.beta1, o.beta2]),
-                "weight_decay": ("optim.weight_decay", o.weight_decay)}
+                "weight_decay": ("optim.weight_decay", o.weight_decay), "eps": ("torch's AdamW default", 1e-8)}
         for key, value in params.items():
             if key not in ours:
                 raise ConfigError(f"DeepSpeed config {b.source}: optimizer.params.{key} has no dist_train "
@@ -236,6 +239,12 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
         if not isinstance(offload, dict) or offload.get("device", "none") not in ("none", None):
             raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.{key} is not supported by dist_train "
                               "yet; remove it")
+    if stage == 0 and precision == Precision.fp16:
+        raise ConfigError(
+            f"DeepSpeed config {b.source}: ZeRO stage 0 in fp16 is refused: DeepSpeed's engine does not scale the "
+            "loss for its stage-0 fp16 optimizer, which then divides the unscaled gradients by the loss scale "
+            "(65536) and clips at 65536 times the threshold; use stage 1-3 for fp16 "
+            "(configs/deepspeed/zero1_fp16.json), or bf16")
     if zero.get("compute_grad_norm", True) is not True:
         raise ConfigError(f"DeepSpeed config {b.source}: zero_optimization.compute_grad_norm=false leaves no gradient "
                           "norm to log or clip; remove it")
@@ -350,10 +359,11 @@ class DeepSpeedStrategy(Strategy):
     def loss_scale(self) -> Optional[torch.Tensor]:
         if self.precision != Precision.fp16:
             return None
-        return torch.tensor(float(self.engine._get_optimizer_loss_scale()), device=self.device)
+        return torch.tensor(self._scale(), device=self.device)
 
-    def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Clip at `threshold` and update, inside the engine: (this step's raw norm, skipped)."""
+    def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Clip at `threshold` and update, inside the engine: (this step's raw norm, the norm of the
+        gradients the engine applied, skipped). Norms are NaN on a skipped step."""
         engine = self.engine
         value = float(threshold)
         clip = value if math.isfinite(value) else 0.0  # 0: DeepSpeed does not clip
@@ -363,19 +373,31 @@ class DeepSpeedStrategy(Strategy):
         if self.own_norm:
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             raw = global_norm(grads)  # whole, all-reduced gradients on every rank: no collective
-            self._skip_update = not bool(torch.isfinite(raw))
+            self._skip_update = skipped = not bool(torch.isfinite(raw))
             engine.step()
             self._skip_update = False
-            return raw, not bool(torch.isfinite(raw))
+            return raw, raw * clip_coefficient(raw, threshold.to(raw.dtype), 1e-6), skipped
+        scale_before = self._scale()
         engine.step()
+        nan = torch.full((), math.nan, device=self.device)
         if not engine.was_step_applied():
-            return torch.full((), math.nan, device=self.device), True
+            return nan, nan, True
         norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        if not math.isfinite(norm) or norm < 0:
-            raise TrainingError(f"DeepSpeed applied an update but reports the gradient norm {norm}; this DeepSpeed "
-                                f"({_version()}) does not skip non-finite steps here: use deepspeed>=0.19.8")
-        return torch.tensor(norm, dtype=torch.float32, device=self.device), False
+        if norm is None or not math.isfinite(float(norm)) or float(norm) < 0:
+            raise TrainingError(f"DeepSpeed {_version()} applied an update but reports its gradient norm as {norm}; "
+                                "dist_train cannot log a true norm for this step")
+        # ZeRO-3 in fp16 divides the norm by the loss scale after raising it (a step that grows the
+        # scale): the norm it reports, and clips by, is then `growth` times too small, and unclipped
+        # gradients are applied divided by `growth`. Undo it for raw; report what was applied.
+        growth = self._scale() / scale_before if self.stage == 3 and self.precision == Precision.fp16 else 1.0
+        raw = float(norm) * growth
+        # The engine's clip: coef = threshold / (its norm + 1e-6) when below 1, on gradients unscaled by its scale.
+        applied = raw / (growth * max(1.0, (raw / growth + 1e-6) / clip)) if clip > 0 else raw / growth
+        return (torch.tensor(raw, dtype=torch.float32, device=self.device),
+                torch.tensor(applied, dtype=torch.float32, device=self.device), False)
+
+    def _scale(self) -> float:
+        return float(self.engine._get_optimizer_loss_scale()) if self.precision == Precision.fp16 else 1.0
 
     # ---- beyond the step -------------------------------------------------------------------
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -385,14 +407,23 @@ class DeepSpeedStrategy(Strategy):
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrap(model).parameters())  # ZeRO-3: partitioned
 
     def full_parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        """The fp32 weights, whole (the optimizer's master copy where the model runs in bf16/fp16 or is
-        partitioned; a collective from stage 1 on: call on every rank)."""
+        """The fp32 weights, whole: the optimizer's master copy where the model runs in bf16/fp16 or is
+        partitioned (a collective from stage 1 on: call on every rank)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        opt = self.engine.optimizer
+        # Stage 0 in bf16/fp16: DeepSpeed's unfused optimizer keeps fp32 copies beside the model's groups.
+        master = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+                  for lp, hp in zip(lps, hps)}
         out = []
         for p in self.unwrap(model).parameters():
-            full = safe_get_full_fp32_param(p) if self.stage > 0 or self.precision != Precision.no else None
-            out.append((full if full is not None else p.detach()).float())
+            if id(p) in master:
+                full = master[id(p)].detach()
+            elif self.stage > 0:
+                full = safe_get_full_fp32_param(p)
+            else:
+                full = p.detach()
+            out.append(full.float())
         return out
 
     checkpoint_name = "checkpoint"
