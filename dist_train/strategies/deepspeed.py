@@ -37,6 +37,7 @@ import json
 import math
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -299,6 +300,9 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, dist, device: torch.device, cfg: Config):
         super().__init__()
+        # DeepSpeed 0.19 calls collectives torch 2.13 deprecates, once per step: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                r"is deprecated", category=FutureWarning)
         self.dist = dist
         self.device = device
         self.config, self.precision = deepspeed_config(cfg, dist.world_size)
