@@ -197,7 +197,7 @@ def startup_summary(s: Setup, out: Outputs) -> list[str]:
     cfg, d = s.cfg, s.dist
     n_params = s.strategy.num_parameters(s.model)
     world = (f"{d.world_size} processes ({d.launcher}, backend {d.backend})" if d.distributed
-             else "1 process (no launcher)")
+             else "1 process (no launcher)" if d.launcher == "none" else f"1 process ({d.launcher})")
     precision = {"no": "fp32"}.get(s.plan.precision.value, s.plan.precision.value)
     lines = [
         f"dist-train: {cfg.train.max_steps} steps of {cfg.train.global_batch_size} samples on {s.device}, {world}, "
