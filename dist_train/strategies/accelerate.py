@@ -15,10 +15,11 @@ The package keeps the step and its guarantees:
 - data are the package's step-addressed global batches; no dataloader is prepared.
 
 Accelerate's silent fallbacks are refused, from the environment at config load
-(`dist_train.strategies.resolve`) and again here from the Accelerator's state: N processes that each train alone, and FSDP or
-DeepSpeed configs dropped on a CPU. fp16 on a CPU, which Accelerate 1.x turns off
-without a word, is turned back on with torch's CPU GradScaler, so the run is the
-precision that was asked for.
+(`dist_train.strategies.resolve`) and again here from the Accelerator's state:
+N processes that each train alone, and FSDP or DeepSpeed configs dropped on a
+CPU. (A DeepSpeed config runs as `deepspeed.AccelerateDeepSpeedStrategy`.)
+fp16 on a CPU, which Accelerate 1.x turns off without a word, is turned back on
+with torch's CPU GradScaler, so the run is the precision that was asked for.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class AccelerateStrategy(Strategy):
                 f"the Accelerate config asks for FSDP but Accelerate set up {kind.value} (it runs FSDP only on GPUs); "
                 "on a CPU use dist.strategy=fsdp with launch/torchrun.sh")
         if env_true("ACCELERATE_USE_DEEPSPEED") or kind == DistributedType.DEEPSPEED:
-            raise ConfigError("DeepSpeed through Accelerate is not supported yet; use an Accelerate config without "
-                              "DeepSpeed")
+            # DeepSpeed is AccelerateDeepSpeedStrategy's (strategies.create picks it from the environment).
+            raise ConfigError("Accelerate set up DeepSpeed for a job that did not ask for it through "
+                              "ACCELERATE_USE_DEEPSPEED; start it with launch/accelerate.sh and an Accelerate config "
+                              "whose distributed_type is DEEPSPEED (configs/accelerate/deepspeed.yaml)")
         if acc.device.type != device.type or (device.type == "cuda" and acc.device.index != device.index):
             raise ConfigError(f"Accelerate places the model on {acc.device} but train.device gives {device}; "
                               "set train.device=auto, or pass --cpu to accelerate launch")
