@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
@@ -34,9 +35,38 @@ LAUNCHERS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "deepspeed": (("CROSS_RANK", "LOCAL_SIZE", "RANK"), {**TORCH_ENV, "local_world_size": "LOCAL_SIZE"}),
     # Any launcher that exports the env:// variables (accelerate, deepspeed, mpirun wrappers).
     "env": (("RANK",), TORCH_ENV),
+    # A bare `srun python -m dist_train ...`, one task per device: a job step's variables. (A batch
+    # script itself has SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: one process.)
+    "slurm": (("SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+              {"rank": "SLURM_PROCID", "local_rank": "SLURM_LOCALID", "world_size": "SLURM_STEP_NUM_TASKS"}),
 }
 #: Variables torch's env:// rendezvous needs when world_size > 1.
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+
+
+def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT for the tasks of a Slurm job step, where the batch script exported
+    none: the first host of the step's node list, expanded by `scontrol show hostnames` (Slurm's own
+    parser), and a port derived from the job id, so jobs sharing a node do not collide."""
+    out: dict[str, str] = {}
+    if not env.get("MASTER_ADDR"):
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        try:
+            p = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=60)
+            hosts = p.stdout.split() if p.returncode == 0 else []
+        except (OSError, subprocess.TimeoutExpired):
+            hosts = []
+        if not nodelist or not hosts:
+            raise UsageError(f"cannot find the first host of the Slurm node list {nodelist!r} (scontrol show "
+                             "hostnames failed or is missing); export MASTER_ADDR in the batch script")
+        out["MASTER_ADDR"] = hosts[0]
+    if not env.get("MASTER_PORT"):
+        job = env.get("SLURM_JOB_ID", "")
+        if not job.isdigit():
+            raise UsageError(f"SLURM_JOB_ID={job!r} gives no port; export MASTER_PORT in the batch script")
+        out["MASTER_PORT"] = str(20000 + int(job) % 20000)
+    return out
 
 
 def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -50,6 +80,8 @@ def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
         except ValueError:
             return 0
 
+    if "RANK" not in env and "SLURM_STEP_ID" in env:  # a bare srun
+        return read("SLURM_PROCID"), read("SLURM_LOCALID")
     return read(TORCH_ENV["rank"]), read(TORCH_ENV["local_rank"])
 
 
@@ -61,6 +93,8 @@ class DistState:
     local_world_size: int = 1
     launcher: str = "none"
     backend: Optional[str] = None
+    rendezvous: dict[str, str] = field(default_factory=dict, repr=False)
+    """MASTER_ADDR/MASTER_PORT this process derived (under Slurm) where the launcher exported none."""
     _active: bool = field(default=False, repr=False)
     _cpu_group: Any = field(default=None, repr=False, compare=False)
 
@@ -96,6 +130,9 @@ class DistState:
             if not 0 <= state.rank < state.world_size:
                 raise UsageError(f"launcher variables say RANK={state.rank} but WORLD_SIZE={state.world_size}")
             if state.distributed:
+                if launcher == "slurm":
+                    state.rendezvous = slurm_rendezvous(env)
+                    env = {**env, **state.rendezvous}
                 missing = [v for v in RENDEZVOUS_VARS if not env.get(v)]
                 if missing:
                     raise UsageError(f"launcher environment is incomplete: {', '.join(missing)} not set; "
@@ -116,6 +153,7 @@ class DistState:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.backend = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
+        os.environ.update(self.rendezvous)  # env:// reads them (and so do DeepSpeed and Accelerate)
         addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         try:
             dist.init_process_group(

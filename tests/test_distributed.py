@@ -159,6 +159,9 @@ def test_replica_guard_stops_every_rank_when_parameters_differ():
         assert msg is not None and msg.startswith("replicas diverged at step 2")
 
 
+SLURM_STEP = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+              "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]"}
+
 ENV_CASES = [
     ({}, DistState()),
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
@@ -167,6 +170,15 @@ ENV_CASES = [
       "MASTER_ADDR": "h", "MASTER_PORT": "1"},
      DistState(rank=3, local_rank=1, world_size=4, local_world_size=2, launcher="torchrun")),
     ({"RANK": "0", "WORLD_SIZE": "1"}, DistState(launcher="env")),
+    # Slurm: a batch script itself is one process, whatever the job's task count ...
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2"}, DistState()),
+    # ... a task of `srun python -m dist_train` is a rank, the port derived from the job id ...
+    ({**SLURM_STEP, "SLURM_PROCID": "1", "MASTER_ADDR": "h"},
+     DistState(rank=1, world_size=2, launcher="slurm", rendezvous={"MASTER_PORT": "20007"})),
+    # ... and torchrun (or exported env:// variables) inside an srun step win over the step's variables.
+    ({**SLURM_STEP, "TORCHELASTIC_RUN_ID": "x", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+      "MASTER_ADDR": "h", "MASTER_PORT": "1"}, DistState(rank=3, local_rank=1, world_size=4, launcher="torchrun")),
+    ({**SLURM_STEP, "RANK": "0", "WORLD_SIZE": "1"}, DistState(launcher="env")),
 ]
 
 
@@ -187,6 +199,19 @@ def test_dist_state_from_env(env, want):
 def test_dist_state_rejects_broken_launcher_env(env, fragment):
     with pytest.raises(UsageError, match=fragment):
         DistState.from_env(env)
+
+
+def test_slurm_master_address_is_the_first_host_scontrol_expands(tmp_path, monkeypatch):
+    """The node list is expanded by Slurm's own `scontrol show hostnames` (here a stand-in printing what it would)."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[1-2]" ] && printf "node1\\nnode2\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    state = DistState.from_env(SLURM_STEP)
+    assert state.rendezvous == {"MASTER_ADDR": "node1", "MASTER_PORT": "20007"} and state.world_size == 2
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="export MASTER_ADDR in the batch script"):
+        DistState.from_env(SLURM_STEP)
 
 
 # ---- whole jobs under torchrun -------------------------------------------------------

@@ -70,3 +70,28 @@ def test_the_test_cluster_runs_one_task_on_each_of_two_nodes(slurm, tmp_path):
     state, out = sbatch(slurm, script, tmp_path)
     assert state == "COMPLETED", out
     assert sorted(line for line in out.splitlines() if line.startswith("task ")) == ["task 0 on n1", "task 1 on n2"], out
+
+
+def test_bare_srun_trains_one_rank_per_task_like_one_process(slurm, tmp_path, single_runs):
+    """`srun python -m dist_train train` with one task on each node: ranks from the step's Slurm variables,
+    the port derived from the job id. The test cluster's node names do not resolve, so the batch script
+    gives MASTER_ADDR as the first node's address, as a cluster's script would where names do not."""
+    import sys
+
+    from dist_train.metrics import read_jsonl
+    from tests.conftest import DEBUG, FAST
+    from tests.test_strategies import assert_same_trajectory
+
+    run = tmp_path / "run"
+    script = f"""#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=5
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR=$(scontrol show node "$first" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+srun {sys.executable} -m dist_train train -c {DEBUG} run.out_dir={run} {' '.join(FAST)} logging.wandb.mode=disabled
+"""
+    state, out = sbatch(slurm, script, tmp_path, f"--chdir={tmp_path}", timeout=240)
+    assert state == "COMPLETED", out
+    assert "2 processes (slurm, backend gloo)" in out, out
+    assert_same_trajectory(read_jsonl(run / "metrics.jsonl"), read_jsonl(single_runs / "clean/metrics.jsonl"), 1e-5)
