@@ -69,6 +69,18 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def world_size_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """The world size the launcher's variables give (WORLD_SIZE, or 1, where no launcher is recognised;
+    1 when unreadable, which from_env reports). For decisions made before the process group exists,
+    such as the strategy."""
+    var = next((table["world_size"] for markers, table in LAUNCHERS.values() if all(m in env for m in markers)),
+               TORCH_ENV["world_size"])
+    try:
+        return int(env.get(var, "1"))
+    except ValueError:
+        return 1
+
+
 def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(rank, local rank) as the launcher set them, (0, 0) when unset or unreadable.
 

@@ -524,6 +524,10 @@ def test_the_refusal_happens_at_config_load():
     [
         ([], {}, Plan("single", Precision.no)),
         ([], {"WORLD_SIZE": "2"}, Plan("ddp", Precision.no)),
+        # A bare srun: the world size is the step's task count (there is no WORLD_SIZE).
+        ([], {"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"},
+         Plan("ddp", Precision.no)),
+        ([], {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, Plan("single", Precision.no)),  # the batch script itself
         (["dist.strategy=ddp"], {}, Plan("single", Precision.no)),
         (["dist.strategy=fsdp", "train.precision=bf16"], {"WORLD_SIZE": "2"}, Plan("fsdp", Precision.bf16)),
         (["dist.strategy=fsdp", "train.precision=fp16"], {"WORLD_SIZE": "2"}, Plan("fsdp", Precision.fp16)),

@@ -41,10 +41,9 @@ def env_true(var: str, env: Mapping[str, str] = os.environ) -> bool:
 
 
 def _world_size(env: Mapping[str, str]) -> int:
-    try:
-        return int(env.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1  # DistState.from_env reports it
+    from dist_train.distributed import world_size_from_env
+
+    return world_size_from_env(env)
 
 
 def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[bool] = None) -> Plan:
