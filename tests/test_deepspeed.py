@@ -294,7 +294,7 @@ def test_deepspeed_launcher_trains_like_one_process(tmp_path, single_runs, stage
     p = _script("launch/deepspeed.sh", f"run.out_dir={run}", *FAST, f"logging.wandb.mode={wandb}",
                 NUM_PROCESSES="2", DS_CONFIG=f"configs/deepspeed/zero{stage}.json", MASTER_PORT=str(free_port()))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"2 processes (deepspeed, backend gloo)" in p.stderr
+    assert "2 processes (deepspeed, backend gloo)" in p.stderr
     assert f"strategy deepspeed: DeepSpeed {deepspeed.__version__} ZeRO stage {stage} over 2 processes" in p.stderr
     rows = read_jsonl(run / "metrics.jsonl")
     assert all(r["grad_norm/raw"] is not None for r in rows)  # stage 0 too: computed where the engine gives None

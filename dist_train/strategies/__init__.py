@@ -21,6 +21,7 @@ from typing import Mapping, Optional
 import torch
 
 from dist_train.config import Config, Precision, StrategyName
+from dist_train.distributed import world_size_from_env
 from dist_train.errors import ConfigError
 
 #: Set in every process `accelerate launch` starts, whatever its launcher mode.
@@ -38,12 +39,6 @@ class Plan:
 def env_true(var: str, env: Mapping[str, str] = os.environ) -> bool:
     """A launcher's boolean variable (accelerate writes true/True)."""
     return env.get(var, "").strip().lower() in ("1", "true", "yes")
-
-
-def _world_size(env: Mapping[str, str]) -> int:
-    from dist_train.distributed import world_size_from_env
-
-    return world_size_from_env(env)
 
 
 def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[bool] = None) -> Plan:
@@ -85,7 +80,7 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ, cuda: Optional[boo
     if requested == StrategyName.fsdp:
         return Plan("fsdp", precision)
     # ddp over one process is the single-process step (DDP with one rank only adds a wrapper).
-    return Plan("ddp" if _world_size(env) > 1 else "single", precision)
+    return Plan("ddp" if world_size_from_env(env) > 1 else "single", precision)
 
 
 def _deepspeed_precision(cfg: Config, env: Mapping[str, str], cuda: bool) -> Precision:
@@ -95,7 +90,7 @@ def _deepspeed_precision(cfg: Config, env: Mapping[str, str], cuda: bool) -> Pre
         raise ConfigError("DeepSpeed is not installed; pip install 'dist_train[deepspeed]'")
     from dist_train.strategies.deepspeed import deepspeed_config
 
-    world = _world_size(env) if "WORLD_SIZE" in env else None  # None: a launcher's preflight
+    world = world_size_from_env(env) if "WORLD_SIZE" in env else None  # None: a launcher's preflight
     _, precision = deepspeed_config(cfg, world, env)
     if precision == Precision.fp16 and not cuda and not cpu_fp16_supported():
         # What DeepSpeed's CPU accelerator checks; it would fail later with "fp16 is not supported".
@@ -126,10 +121,10 @@ def _accelerate_precision(precision: Precision, env: Mapping[str, str], cuda: bo
                           "under ACCELERATE_USE_CPU=true; on a CPU launch without it (launch/accelerate.sh does): "
                           "dist_train runs DeepSpeed's CPU accelerator over gloo")
     if not cuda and not deepspeed:
-        if _world_size(env) > 1 and not env_true("ACCELERATE_USE_CPU", env):
+        if world_size_from_env(env) > 1 and not env_true("ACCELERATE_USE_CPU", env):
             raise ConfigError(
-                f"accelerate launch started {_world_size(env)} processes on a machine without GPUs, but without "
-                "ACCELERATE_USE_CPU=true Accelerate would let each train its own model; use "
+                f"accelerate launch started {world_size_from_env(env)} processes on a machine without GPUs, but "
+                "without ACCELERATE_USE_CPU=true Accelerate would let each train its own model; use "
                 "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (launch/accelerate.sh "
                 "does this)")
         if "WORLD_SIZE" not in env and env.get("MASTER_PORT"):

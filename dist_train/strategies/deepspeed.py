@@ -31,7 +31,6 @@ part after the last backward (`engine_step`):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -349,12 +348,9 @@ class DeepSpeedStrategy(Strategy):
         return f"DeepSpeed {_version()} ZeRO stage {self.stage} {where} ({precision}, the engine clips and steps)"
 
     # ---- the step's pieces -----------------------------------------------------------------
-    def no_sync(self, model: torch.nn.Module):
-        # The engine knows the accumulation boundary from gradient_accumulation_steps: stages 0-1 reduce
-        # once per step; stages 2-3 reduce-scatter each micro-batch into their partitions (DeepSpeed's design).
-        return contextlib.nullcontext()
-
     def backward(self, loss: torch.Tensor) -> None:
+        # No no_sync: the engine knows the accumulation boundary from gradient_accumulation_steps. Stages
+        # 0-1 reduce once per step; stages 2-3 reduce-scatter each micro-batch into their partitions.
         engine = self.engine
         engine.backward(loss, scale_wrt_gas=False)  # the step already divided by the micro-batch count
         if not engine.is_gradient_accumulation_boundary():
