@@ -94,10 +94,30 @@ def _train(args: argparse.Namespace) -> int:
         RunDir(cfg.run.out_dir).check(cfg.run.overwrite)
         _say("dist-train: config OK")
         return 0
+    from dist_train.distributed import DistState, requeue_slurm_job
+    from dist_train.errors import Stopped
+    from dist_train.signals import REQUEUE_SIGNALS
     from dist_train.trainer import train
 
-    with _distributed(cfg) as (state, device), _stop_signal(state.is_main) as stop:
-        run_dir = train(cfg, state, device, stop)
+    is_main = DistState.from_env().is_main
+    try:
+        with _distributed(cfg) as (state, device), _stop_signal(state.is_main) as stop:
+            run_dir = train(cfg, state, device, stop)
+    except Stopped as e:
+        # The requeue signal: with the checkpoint written and every rank done (the process group is gone),
+        # one rank asks Slurm to requeue the job; the requeued job resumes from the checkpoint.
+        if e.signum not in REQUEUE_SIGNALS or e.checkpoint is None or not os.environ.get("SLURM_JOB_ID"):
+            raise
+        if not is_main:
+            return 0
+        try:
+            job = requeue_slurm_job()
+        except TrainingError as err:
+            raise TrainingError(f"{signal_name(e.signum)}: checkpoint {e.checkpoint} written, but {err}; resubmit "
+                                "the job: it resumes from the checkpoint with train.resume=auto") from None
+        _say(f"dist-train: {signal_name(e.signum)}: stopped after a checkpoint ({e.checkpoint}); Slurm job {job} "
+             "requeued: it resumes from there")
+        return 0
     if state.is_main:
         _say(f"dist-train: done; run directory {run_dir}")
     return 0

@@ -97,7 +97,15 @@ class TrainConfig:
     """auto (Accelerate's mixed_precision under accelerate launch, else fp32) | no (fp32; `fp32` is accepted
     too) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
     checkpoint: bool = True
-    """Save model, optimizer, clip-policy and scaler state to checkpoint.pt at the end."""
+    """Write checkpoints to <run dir>/checkpoints/: every train.checkpoint_every steps, at the end, and when a
+    stop signal arrives."""
+    checkpoint_every: int = 0
+    """Also checkpoint after every N optimizer steps (0: only at the end and on a stop)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (older ones are removed after a new one is complete)."""
+    resume: str = "none"
+    """none | auto (continue from the newest intact checkpoint in run.out_dir, or start at step 0 if there is none)
+    | PATH (a checkpoint folder, or a run directory: its newest intact checkpoint)."""
 
 
 @dataclass
@@ -337,6 +345,18 @@ def validate(cfg: Config) -> None:
         f"{t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}",
     )
     _require(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, 2^62], got {t.seed}")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _require(bool(t.resume), "train.resume", "must be none, auto or a checkpoint path")
+    if t.resume not in ("none", "auto"):
+        _require(Path(t.resume).is_dir(), "train.resume",
+                 f"'{t.resume}' is not a directory; pass a checkpoint folder (<run>/checkpoints/step_N), a run "
+                 "directory, auto or none")
+    if t.resume != "none":
+        _require(not cfg.run.overwrite, "train.resume",
+                 f"{t.resume} continues a run, and run.overwrite=true would start over; pass only one of them")
+        _require(t.checkpoint, "train.resume", "resuming needs train.checkpoint=true (a resumed run that never "
+                 "checkpoints could not be resumed again)")
     o = cfg.optim
     _finite(o.lr, "optim.lr", 0)
     _finite(o.weight_decay, "optim.weight_decay", 0, lo_open=False)

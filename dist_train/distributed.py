@@ -243,8 +243,56 @@ class DistState:
             raise shared
         return result
 
+    def barrier(self) -> None:
+        if self._active:
+            dist.barrier()
+
+    def share(self, value: T) -> T:
+        """Rank 0's `value` on every rank (a broadcast of a small picklable object)."""
+        if not self._active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order, on every rank."""
+        if not self._active:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
     def stop_vote(self) -> "StopVote":
         return StopVote(self._cpu_group if self._active else None, self._active)
+
+
+def one_process_group(device: torch.device) -> None:
+    """A process group of one rank, for a strategy whose library needs one even in a single process
+    (DeepSpeed's engine, FSDP2's mesh); destroyed with the process."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    for var in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(var, "0")  # DeepSpeed reads them
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+
+def requeue_slurm_job(env: Mapping[str, str] = os.environ) -> str:
+    """`scontrol requeue` this Slurm job (call from one rank). Returns the job id; raises TrainingError
+    outside Slurm or when scontrol fails or is missing (inside some containers)."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        raise TrainingError("not a Slurm job (SLURM_JOB_ID is not set), so there is nothing to requeue")
+    try:
+        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TrainingError(f"scontrol requeue {job} could not run ({e})") from None
+    if p.returncode != 0:
+        why = (p.stderr or p.stdout).strip().splitlines()
+        raise TrainingError(f"scontrol requeue {job} failed ({why[0] if why else f'exit {p.returncode}'})")
+    return job
 
 
 class StopVote:

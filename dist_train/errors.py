@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import signal
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class DistTrainError(Exception):
@@ -50,9 +50,11 @@ class Stopped(DistTrainError):
     label = "stopped"
     scope = "main"  # every rank stops at the same step; rank 0 says so
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, checkpoint: Optional[os.PathLike] = None):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum
+        self.checkpoint = checkpoint  # written on the way out, if any
 
 
 def signal_name(signum: int) -> str:

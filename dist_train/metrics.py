@@ -94,12 +94,32 @@ class JsonlSink:
     and the error names the file: the file never holds a partial line.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_through: Optional[int] = None):
+        """A new file; or, with `keep_through=k` (a resumed run), the existing file cut back to its rows of
+        steps <= k (rewritten atomically, the kept lines byte for byte), then appended to."""
         self.path = path
         self.rows = 0
-        with writing(path):
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._size = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        if keep_through is not None and path.exists():
+            from dist_train.rundir import atomic_path
+
+            read_jsonl(path)  # a file that is not a metrics.jsonl is an error, not something to cut
+            kept = []
+            for line in path.read_bytes().split(b"\n"):
+                try:
+                    step = json.loads(line)["step"] if line.strip() else None
+                except ValueError:
+                    continue  # the incomplete last line read_jsonl warned about
+                if step is not None and step <= keep_through:
+                    kept.append(line + b"\n")
+            data = b"".join(kept)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            self.rows, self._size = len(kept), len(data)
+            flags = os.O_WRONLY | os.O_APPEND
+        with writing(path):
+            self._fd = os.open(path, flags, 0o644)
 
     def log(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")

@@ -46,9 +46,10 @@ def summary(record: dict[str, Any], shown=SHOWN) -> str:
 
 
 class ProgressReporter:
-    def __init__(self, mode: Progress, total: int, enabled: bool = True, stream=None):
+    def __init__(self, mode: Progress, total: int, enabled: bool = True, stream=None, start: int = 0):
         self.stream = stream or sys.stderr
         self.total = total
+        self.start = start  # steps done before this process (a resumed run)
         self.enabled = enabled
         self.t0 = time.monotonic()
         use_bar = mode == Progress.bar or (mode == Progress.auto and self.stream.isatty())
@@ -57,13 +58,14 @@ class ProgressReporter:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total, file=self.stream, dynamic_ncols=True, unit="step",
+                total=total, initial=start, file=self.stream, dynamic_ncols=True, unit="step",
                 bar_format="{n_fmt}/{total_fmt} {bar} {elapsed}<{remaining}{postfix}",
             )
 
     def eta(self, step: int) -> float:
         elapsed = time.monotonic() - self.t0
-        return elapsed / step * (self.total - step) if step > 0 else float("nan")
+        done = step - self.start
+        return elapsed / done * (self.total - step) if done > 0 else float("nan")
 
     def step(self, record: Optional[dict[str, Any]]) -> None:
         if not self.enabled:

@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 from dist_train.errors import UsageError, io_error, writing
 
 #: Files dist_train writes at the top of a run directory.
-RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoint.pt", "checkpoint", "plot.png", "vocab.json")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "plot.png", "vocab.json")
 LOCK = ".dist_train.lock"
 WANDB = "wandb"
 #: What wandb writes under <run dir>/wandb: one folder per run, and links/logs beside them.
@@ -82,11 +82,12 @@ class RunDir:
         self._written: list[str] = []
 
     # ---- before anything is written ------------------------------------------------------
-    def check(self, overwrite: bool) -> None:
-        """Raise a one-line UsageError if this run cannot use the directory. Writes nothing."""
+    def check(self, overwrite: bool, resume: bool = False) -> None:
+        """Raise a one-line UsageError if this run cannot use the directory. Writes nothing.
+        `resume`: the run continues the one in the directory, which is then expected, not refused."""
         self._check_path()
         if self.path.is_dir():
-            self._check_contents(overwrite, locked_by_us=False)
+            self._check_contents(overwrite, locked_by_us=False, resume=resume)
 
     def _check_path(self) -> None:
         p, key = self.path, f"run.out_dir '{self.path}'"
@@ -124,7 +125,7 @@ class RunDir:
             raise UsageError(f"{key} cannot be created: writing a test entry in '{existing}' failed "
                              f"({e.strerror or e}); choose a directory you can write to") from None
 
-    def _check_contents(self, overwrite: bool, locked_by_us: bool) -> None:
+    def _check_contents(self, overwrite: bool, locked_by_us: bool, resume: bool = False) -> None:
         p = self.path
         lock_path = p / LOCK
         if not locked_by_us and lock_path.is_file():
@@ -142,7 +143,7 @@ class RunDir:
                                      "wait for it to end or choose another run.out_dir (run.overwrite does not "
                                      "apply to a live run)")
         existing = [name for name in (*RUN_FILES, WANDB) if (p / name).exists() or (p / name).is_symlink()]
-        if existing and not overwrite:
+        if existing and not overwrite and not resume:
             raise UsageError(f"run directory '{p}' already holds a run ({', '.join(existing)}); choose another "
                              "run.out_dir or pass run.overwrite=true")
         if overwrite:
@@ -153,9 +154,10 @@ class RunDir:
                                  f"({shown}); move them away or choose another run.out_dir")
 
     # ---- the run's lifetime ------------------------------------------------------------------
-    def open(self, overwrite: bool) -> None:
-        """Create and lock the directory; with run.overwrite, remove the earlier run's files."""
-        self.check(overwrite)
+    def open(self, overwrite: bool, resume: bool = False) -> None:
+        """Create and lock the directory; with run.overwrite, remove the earlier run's files; with `resume`,
+        keep them (the run continues there)."""
+        self.check(overwrite, resume)
         top = self.path
         while not top.parent.exists():
             top = top.parent
@@ -171,13 +173,14 @@ class RunDir:
         self._lock_fd = fd
         try:
             # Checked again under the lock: another run may have started in between.
-            self._check_contents(overwrite, locked_by_us=True)
+            self._check_contents(overwrite, locked_by_us=True, resume=resume)
             started = datetime.datetime.now().isoformat(timespec="seconds")
             with writing(self.path / LOCK):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
-            for name in (*RUN_FILES, WANDB):
-                self._remove(self.path / name)
+            if not resume:
+                for name in (*RUN_FILES, WANDB):
+                    self._remove(self.path / name)
         except BaseException:
             self.finish(discard=True)
             raise
@@ -185,9 +188,11 @@ class RunDir:
     def write_text(self, name: str, text: str) -> Path:
         """Write a file of the run atomically (a temporary file, then a rename)."""
         target = self.path / name
+        existed = target.exists()
         with atomic_path(target) as tmp:
             tmp.write_text(text, encoding="utf-8")
-        self.wrote(name)
+        if not existed:  # a resumed run's own files are not removed if it fails
+            self.wrote(name)
         return target
 
     def wrote(self, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Graceful stop on SIGTERM and SIGINT.
+"""Graceful stop on SIGTERM and SIGINT; checkpoint and requeue on SIGUSR2 (and SIGUSR1).
 
 The first signal only records a request; the training loop finishes the
 optimizer step in progress, the ranks agree on where to stop
@@ -7,6 +7,12 @@ W&B finished and marked stopped, the plot drawn, exit code 128 + signal.
 SIGTERM is what `scancel`, a time limit, a preemption and torchrun's agent
 send; SIGINT is Ctrl-C. A second signal calls `on_abort`, which ends the
 process at once.
+
+SIGUSR2 (the signal the slurm/ scripts ask for before the time limit or a
+preemption; SIGUSR1 does the same) stops the run the same way, and after its
+checkpoint is written the job is requeued (`scontrol requeue`, by rank 0); the
+requeued job resumes from that checkpoint (train.resume=auto). Outside Slurm
+it is a plain stop.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import signal
 import threading
 from typing import Callable, Optional
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals that ask for a checkpoint and a requeue of the Slurm job.
+REQUEUE_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS)
 
 
 class StopSignal:
@@ -30,6 +38,10 @@ class StopSignal:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @property
+    def requeue(self) -> bool:
+        return self.signum in REQUEUE_SIGNALS
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:

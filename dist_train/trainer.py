@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import signal
 import logging
 import math
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +16,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from dist_train import checkpoint as ckpt
 from dist_train import config as C
 from dist_train import strategies
 from dist_train.amp import pick_device
 from dist_train.clip import ClipPolicy, build_policy
 from dist_train.data import GlobalBatches, TokenDataset, build_dataset, split_for_rank
 from dist_train.distributed import DistState
-from dist_train.errors import ConfigError, Stopped, TrainingError, signal_name
+from dist_train.errors import ConfigError, Stopped, TrainingError, io_error, signal_name, writing
 from dist_train.metrics import JsonlSink, Sink, Window, make_record
 from dist_train.model import build_model, check_model_output
 from dist_train.progress import ProgressReporter, hms
@@ -138,23 +141,106 @@ def optimizer_step(s: Setup, step: int) -> StepMetrics:
     return m
 
 
-def save_checkpoint(s: Setup, path: Path, step: int, skipped_total: int) -> None:
-    """Every rank calls this (a sharded model is gathered, a DeepSpeed engine writes its partitions);
-    rank 0 writes the file, or DeepSpeed's directory, `path`."""
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint restores besides the model and the optimizer."""
+
+    step: int = 0  # optimizer steps done
+    skipped_total: int = 0
+    consecutive: int = 0  # non-finite steps in a row, up to this step
+    wandb_id: Optional[str] = None
+
+
+def trainer_state(s: Setup, p: Progress) -> dict[str, Any]:
+    """The trainer's part of a checkpoint (every rank calls this: the RNG states are gathered)."""
     scaler = s.strategy.scaler
-    state = {
-        "step": step,
-        "skipped_steps": skipped_total,
+    return {
+        "format": ckpt.FORMAT,
+        "step": p.step,
+        "skipped_steps": p.skipped_total,
+        "consecutive_nonfinite": p.consecutive,
+        "wandb_id": p.wandb_id,
         "strategy": s.plan.strategy,
+        "world_size": s.dist.world_size,
         "scheduler": s.scheduler.state_dict(),
         "clip_policy": {"name": s.policy.name, "state": s.policy.state_dict()},
         "scaler": scaler.state_dict() if scaler is not None else None,
+        # Batches are addressed by step: the step is the data position. These say which data it indexes.
+        "data": {"num_samples": len(s.dataset), "global_batch_size": s.cfg.train.global_batch_size,
+                 "seed": s.cfg.train.seed},
+        "rng": s.dist.gather(ckpt.rng_state()),  # one per rank
         "vocab": s.dataset.itos,
         "config": C.to_dict(s.cfg),
     }
-    # Never a half-written checkpoint: a temporary file renamed into place, or DeepSpeed's `latest` file
-    # written after the tag's directory is complete.
-    s.strategy.save_checkpoint(s.model, s.optimizer, path, state, s.dist.is_main)
+
+
+def save_checkpoint(s: Setup, run_dir: Path, p: Progress) -> Path:
+    """Every rank calls this. The strategy writes into a temporary folder (rank 0 alone, or every rank its
+    shards); then rank 0 completes it: manifest, rename, `latest`, rotation (see dist_train.checkpoint)."""
+    root = run_dir / ckpt.DIR
+    with writing(root / ckpt.name_of(p.step)):
+        tmp = s.dist.share(s.dist.on_main(lambda: ckpt.begin(root, p.step)))
+    try:
+        s.strategy.save_checkpoint(s.model, s.optimizer, tmp, trainer_state(s, p), s.dist.is_main)
+        s.dist.barrier()  # every rank's files are written
+        extra = {"strategy": s.plan.strategy, "kind": s.strategy.checkpoint_kind, "world_size": s.dist.world_size}
+        with writing(root / ckpt.name_of(p.step)):
+            final = s.dist.on_main(lambda: ckpt.commit(root, tmp, p.step, s.cfg.train.keep_checkpoints, extra))
+    except BaseException as e:
+        if s.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
+        cause = e.__cause__ if isinstance(e, TrainingError) else e
+        if isinstance(cause, OSError):  # name the checkpoint, not the temporary file inside it
+            raise io_error(root / ckpt.name_of(p.step), cause) from e
+        raise
+    return s.dist.share(final)
+
+
+def load_checkpoint(s: Setup, folder: Path) -> Progress:
+    """Every rank calls this: restore everything `save_checkpoint` saved from `folder`."""
+    manifest = ckpt.read_manifest(folder)
+    kind, world = manifest.get("kind"), manifest.get("world_size")
+    if kind != s.strategy.checkpoint_kind:
+        raise ConfigError(f"train.resume: the checkpoint '{folder}' was written by dist.strategy="
+                          f"{manifest.get('strategy')} ({kind} format), which this run's strategy {s.plan.strategy} "
+                          f"cannot read; resume with dist.strategy={manifest.get('strategy')}")
+    if kind == "deepspeed" and world != s.dist.world_size:
+        raise ConfigError(f"train.resume: the DeepSpeed checkpoint '{folder}' was written by {world} processes and "
+                          f"this run has {s.dist.world_size}; DeepSpeed's checkpoints resume on the same world size")
+    state = s.strategy.load_checkpoint(s.model, s.optimizer, folder)
+    changed = ckpt.changed_keys(state["config"], C.to_dict(s.cfg))
+    if changed:
+        raise ConfigError(f"train.resume: config key '{changed[0]}' differs from the checkpoint's ("
+                          f"{len(changed)} key(s) that decide the trajectory: {', '.join(changed[:4])}); set them "
+                          f"as in {folder.parent.parent / 'config.yaml'}, or start a new run")
+    s.scheduler.load_state_dict(state["scheduler"])
+    policy = state["clip_policy"]
+    if policy["name"] == s.policy.name:
+        s.policy.load_state_dict(policy["state"])
+    else:
+        log.warning("the checkpoint's clip policy is %s and this run's %s: %s starts afresh",
+                    policy["name"], s.policy.name, s.policy.name)
+    scaler = s.strategy.scaler
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    if len(rng) == s.dist.world_size:
+        ckpt.set_rng_state(rng[s.dist.rank])
+    elif s.cfg.model.dropout > 0:
+        log.warning("the checkpoint was written by %d processes and this run has %d: dropout's random streams "
+                    "start afresh, so the trajectory is not the one an uninterrupted run would take",
+                    len(rng), s.dist.world_size)
+    return Progress(step=state["step"], skipped_total=state["skipped_steps"],
+                    consecutive=state["consecutive_nonfinite"], wandb_id=state.get("wandb_id"))
+
+
+def find_resume(s: Setup, run_dir: RunDir) -> Optional[Path]:
+    """The checkpoint train.resume names, chosen on rank 0 and shared (None: start at step 0)."""
+    def choose() -> Optional[Path]:
+        ckpt.remove_leftovers(run_dir.path / ckpt.DIR)
+        return ckpt.resolve_resume(s.cfg.train.resume, run_dir.path)
+
+    return s.dist.share(s.dist.on_main(choose))
 
 
 @dataclass
@@ -167,25 +253,31 @@ class Outputs:
     wandb: Optional[Any] = None  # the WandbSink, when W&B is not disabled
 
 
-def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir) -> Outputs:
+def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Progress]) -> Outputs:
     """Lock the run directory, write config (and vocabulary), open metrics.jsonl and W&B.
 
-    All or nothing: if any of it fails, what was written is removed again.
+    All or nothing: if any of it fails, what was written is removed again. A resumed run (`resumed`)
+    keeps the directory's files: metrics.jsonl is cut back to the checkpoint's step and appended to,
+    and W&B continues the checkpoint's run.
     """
-    run_dir.open(cfg.run.overwrite)
+    resume = cfg.train.resume != "none"
+    run_dir.open(cfg.run.overwrite, resume=resume)
     try:
         run_dir.write_text("config.yaml", C.to_yaml(cfg))
         if s.dataset.itos is not None:
             run_dir.write_text("vocab.json", json.dumps(s.dataset.itos, ensure_ascii=False) + "\n")
-        run_dir.wrote("metrics.jsonl")
-        jsonl = JsonlSink(run_dir.path / "metrics.jsonl")
+        metrics = run_dir.path / "metrics.jsonl"
+        if not (resume and metrics.exists()):
+            run_dir.wrote("metrics.jsonl")
+        jsonl = JsonlSink(metrics, keep_through=resumed.step if resumed is not None else (0 if resume else None))
         out = Outputs(run_dir, jsonl, [jsonl])
         if cfg.logging.wandb.mode != C.WandbMode.disabled:
             from dist_train.wandb_sink import WandbSink
 
-            run_dir.wrote("wandb")
+            if not (run_dir.path / "wandb").exists():
+                run_dir.wrote("wandb")
             out.wandb = WandbSink(cfg.logging.wandb, run_dir.path, cfg.run.name or run_dir.path.resolve().name,
-                                  C.to_dict(cfg))
+                                  C.to_dict(cfg), run_id=resumed.wandb_id if resumed is not None else None)
             out.sinks.append(out.wandb)
         return out
     except BaseException:
@@ -218,30 +310,32 @@ def startup_summary(s: Setup, out: Outputs) -> list[str]:
 
 @dataclass
 class Outcome:
-    steps_done: int
-    skipped_total: int
+    progress: Progress
     stopped_by: Optional[int] = None  # the signal that stopped the run early
 
 
-def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[StopSignal] = None) -> Outcome:
-    """The loop. Stops early, after a complete optimizer step, when a stop signal was received."""
+def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[StopSignal] = None,
+        start: Optional[Progress] = None, checkpoint: Optional[Callable[[Progress], None]] = None) -> Outcome:
+    """The loop, from `start` (a resumed run's progress) to train.max_steps. Stops early, after a complete
+    optimizer step, when a stop signal was received. `checkpoint` is called on every rank after every
+    train.checkpoint_every steps (the trainer writes the last one itself)."""
     cfg = s.cfg
     t = cfg.train
     window = Window(s.device)
     vote = s.dist.stop_vote()
-    out = Outcome(steps_done=0, skipped_total=0)
-    consecutive = 0
+    p = dataclasses.replace(start) if start is not None else Progress()
+    out = Outcome(progress=p)
     s.model.train()
-    for step in range(t.max_steps):
+    for step in range(p.step, t.max_steps):
         lr = s.optimizer.param_groups[0]["lr"]
         m = optimizer_step(s, step)
         window.add(m, t.global_batch_size)
         if m.skipped:
-            out.skipped_total += 1
-            consecutive += 1
+            p.skipped_total += 1
+            p.consecutive += 1
         else:
-            consecutive = 0
-        n = out.steps_done = step + 1
+            p.consecutive = 0
+        n = p.step = step + 1
         # Every rank learns the same answer at the same step, so the last step is logged by all.
         stop_now = vote.poll(stop is not None and stop.requested) and n < t.max_steps
         record = None
@@ -254,29 +348,30 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
                     m=m,
                     window=window,
                     lr=lr,
-                    skipped_total=out.skipped_total,
+                    skipped_total=p.skipped_total,
                     tokens_per_sample=cfg.model.block_size,
                 )
                 for sink in sinks:
                     sink.log(record)
             window.reset()
         if m.skipped:
-            progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
+            progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({p.consecutive} in a row)")
         progress.step(record)
         if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
             check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
-        if consecutive >= cfg.clip.max_consecutive_nonfinite:
+        if p.consecutive >= cfg.clip.max_consecutive_nonfinite:
             hint = "lower optim.lr or clip.max_norm, or check the data around these steps"
             if s.plan.precision == C.Precision.fp16:
                 hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
             raise TrainingError(
-                f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
+                f"training stopped at step {n}: {p.consecutive} consecutive optimizer steps had a non-finite "
                 f"gradient norm (clip.max_consecutive_nonfinite={cfg.clip.max_consecutive_nonfinite}); {hint}"
             )
         if stop_now:
             out.stopped_by = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
-            # The seam for a checkpoint on stop (resume comes with the SLURM scripts).
             break
+        if checkpoint is not None and t.checkpoint_every and n % t.checkpoint_every == 0 and n < t.max_steps:
+            checkpoint(p)
     vote.close()
     return out
 
@@ -304,29 +399,51 @@ def train(
     device: Optional[torch.device] = None,
     stop: Optional[StopSignal] = None,
 ) -> Path:
-    """Check the run directory, build everything, then open it, train, log, plot, checkpoint.
+    """Check the run directory, build everything, resume if asked, then open it, train, log, plot,
+    checkpoint.
 
     Rank 0 alone writes the run directory. A run that fails or is stopped before
     its first logged step leaves nothing behind; after it, everything logged stays.
+    A stopped run writes a checkpoint first (train.checkpoint), and `Stopped` says where it is.
     """
     dist = dist or DistState()
     run_dir = RunDir(cfg.run.out_dir)
-    dist.on_main(lambda: run_dir.check(cfg.run.overwrite))  # seconds before the setup, not after it
+    resume = cfg.train.resume != "none"
+    dist.on_main(lambda: run_dir.check(cfg.run.overwrite, resume))  # seconds before the setup, not after it
     s = build(cfg, dist, device)
-    out = dist.on_main(lambda: open_outputs(cfg, s, run_dir))
-    progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=dist.is_main)
+    folder = find_resume(s, run_dir) if resume else None
+    resumed = load_checkpoint(s, folder) if folder is not None else None
+    if resumed is not None and resumed.step >= cfg.train.max_steps:
+        raise ConfigError(f"train.resume: the checkpoint '{folder}' is at step {resumed.step}, and train.max_steps is "
+                          f"{cfg.train.max_steps}: nothing left to train; raise train.max_steps to train further")
+    out = dist.on_main(lambda: open_outputs(cfg, s, run_dir, resumed))
+    start = resumed or Progress()
+    if out is not None and out.wandb is not None:
+        start.wandb_id = out.wandb.run_id
+    progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=dist.is_main, start=start.step)
     if out is not None:
         for line in startup_summary(s, out):
             progress.message(line)
+        if folder is not None:
+            progress.message(f"dist-train: resumed from {folder} (step {start.step}); metrics.jsonl continues after it")
+        elif resume:
+            progress.message(f"dist-train: train.resume={cfg.train.resume}: no checkpoint yet, starting at step 0")
     t0 = time.monotonic()
     outcome: Optional[Outcome] = None
     primary: Optional[BaseException] = None
+    saved: Optional[Path] = None
+
+    def checkpoint(p: Progress) -> None:
+        nonlocal saved
+        if out is not None and not (run_dir.path / ckpt.DIR).exists():
+            run_dir.wrote(ckpt.DIR)
+        saved = save_checkpoint(s, run_dir.path, p)
+
     try:
-        outcome = run(s, out.sinks if out is not None else [], progress, stop)
-        if cfg.train.checkpoint and outcome.stopped_by is None:
-            if out is not None:
-                run_dir.wrote(s.strategy.checkpoint_name)
-            save_checkpoint(s, run_dir.path / s.strategy.checkpoint_name, outcome.steps_done, outcome.skipped_total)
+        outcome = run(s, out.sinks if out is not None else [], progress, stop, start,
+                      checkpoint if cfg.train.checkpoint else None)
+        if cfg.train.checkpoint:
+            checkpoint(outcome.progress)  # the end, or where a stop signal left it
     except BaseException as e:
         primary = e
         raise
@@ -345,7 +462,10 @@ def train(
             steps.append(("releasing the run directory", lambda: run_dir.finish(discard=code != 0 and not logged)))
             _finish(steps, primary)
     if outcome.stopped_by is not None:  # the step it stopped after is always logged
-        raise Stopped(f"{signal_name(outcome.stopped_by)} received; stopped after step {outcome.steps_done} of "
-                      f"{cfg.train.max_steps} ({hms(time.monotonic() - t0)} elapsed); metrics.jsonl and the plot "
-                      f"in {run_dir.path} hold every logged step", outcome.stopped_by)
+        n = outcome.progress.step
+        where = (f"checkpoint {saved}; continue with train.resume=auto" if saved is not None
+                 else "no checkpoint (train.checkpoint=false)")
+        raise Stopped(f"{signal_name(outcome.stopped_by)} received; stopped after step {n} of "
+                      f"{cfg.train.max_steps} ({hms(time.monotonic() - t0)} elapsed); {where}; metrics.jsonl and the "
+                      f"plot in {run_dir.path} hold every logged step", outcome.stopped_by, checkpoint=saved)
     return run_dir.path

@@ -40,7 +40,9 @@ def resolve_mode(mode: WandbMode) -> str:
 
 
 class WandbSink:
-    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict[str, Any]):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict[str, Any],
+                 run_id: Optional[str] = None):
+        """`run_id`: continue that W&B run (a resumed training run), rather than start a new one."""
         self.mode = resolve_mode(cfg.mode)
         try:
             import wandb
@@ -52,6 +54,8 @@ class WandbSink:
                 dir=str(run_dir),
                 config=config,
                 mode=self.mode,
+                id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
             )
         except Exception as e:
@@ -62,6 +66,8 @@ class WandbSink:
         #: The offline run's folder, the argument of `wandb sync` (None when online).
         self.sync_dir: Optional[Path] = Path(self.run.settings.sync_dir) if self.mode == "offline" else None
         self.url: Optional[str] = getattr(self.run, "url", None) if self.mode == "online" else None
+        #: The run's id, saved in checkpoints so that a resumed run continues it.
+        self.run_id: Optional[str] = self.run.id
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:

@@ -50,3 +50,34 @@ def single_runs(tmp_path_factory):
     finally:
         del os.environ["NAN_CALLS"]
     return root
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint folder `checkpoints/latest` names."""
+    root = Path(run_dir) / "checkpoints"
+    return root / (root / "latest").read_text().strip()
+
+
+def checkpoint_params(run_dir_or_folder: Path) -> dict:
+    """The fp32 model weights, whole, of a run's latest checkpoint (or of a checkpoint folder), whatever
+    strategy wrote it: one file, torch.distributed.checkpoint shards, or DeepSpeed's ZeRO partitions."""
+    import torch
+
+    folder = Path(run_dir_or_folder)
+    if not folder.name.startswith("step_"):
+        folder = latest_checkpoint(folder)
+    if (folder / "checkpoint.pt").exists():
+        return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+    if (folder / ".metadata").exists():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as d:
+            dcp_to_torch_save(folder, Path(d) / "whole.pt")
+            return torch.load(Path(d) / "whole.pt", weights_only=False)["model"]
+    if not list(folder.glob("*optim_states.pt")):
+        return torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

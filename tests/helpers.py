@@ -100,3 +100,30 @@ def fail_at_first_step(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 def overflow_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """model.factory: an fp16 overflow at the 0-based forward calls listed in OVERFLOW_CALLS."""
     return ScaleAt(TinyGPT(cfg, vocab_size), _calls("OVERFLOW_CALLS"), factor=3e4)
+
+
+def signal_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory: TinyGPT that sends STOP_SIGNAL (default SIGTERM) to its own process at training forward
+    call STOP_AT_CALL (0-based), on rank STOP_RANK (default 0): a stop at a known step. Unset: a plain TinyGPT
+    with the same parameter names, so stopped, resumed and uninterrupted runs share checkpoints."""
+    import signal as S
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    at = int(os.environ.get("STOP_AT_CALL", "-1")) if rank == int(os.environ.get("STOP_RANK", "0")) else -1
+    return SignalAt(TinyGPT(cfg, vocab_size), at, getattr(S, os.environ.get("STOP_SIGNAL", "SIGTERM")))
+
+
+class SignalAt(nn.Module):
+    def __init__(self, inner: nn.Module, at_call: int, signum: int):
+        super().__init__()
+        self.inner = inner
+        self.at_call = at_call
+        self.signum = signum
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self.calls == self.at_call:
+                os.kill(os.getpid(), self.signum)
+            self.calls += 1
+        return self.inner(x)

@@ -220,7 +220,6 @@ CASES = [
          env={"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}),
     Case("fsdp_replica_guard", [*TRAIN, "dist.strategy=fsdp", "dist.check_sync_every=10"],
          "holds a shard, not a replica"),
-    Case("fsdp_one_process", [*TRAIN, "dist.strategy=fsdp"], "fsdp shards over processes and needs at least 2"),
     Case("accelerate_without_its_launcher", [*TRAIN, "dist.strategy=accelerate"],
          "needs a job started by accelerate launch"),
     Case("precision_contradicts_accelerate", [*TRAIN, "train.precision=fp16"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import deepspeed
 import pytest
@@ -23,7 +24,7 @@ from dist_train.distributed import DistState
 from dist_train.strategies import Plan
 from dist_train.trainer import build
 from dist_train.metrics import read_jsonl
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, checkpoint_params
 from tests.dist_utils import free_port, spawn
 from tests.test_strategies import (CPU, _cfg, _reference, _run, _script, assert_raw_norms_match,
                                    assert_same_trajectory)
@@ -103,7 +104,7 @@ def _worker(tmp: str):
         for stage in (2, 3):
             s = build(_ds(stage), state, CPU)
             _run(s, 2)
-            path = os.path.join(tmp, f"ckpt{stage}")
+            path = Path(tmp) / f"ckpt{stage}" / "step_00000002"
             s.strategy.save_checkpoint(s.model, s.optimizer, path, {"step": 2, "scheduler": s.scheduler.state_dict()},
                                        state.is_main)
             after_save = _run(s, 1)
@@ -267,21 +268,10 @@ def test_checkpoint_resumes_the_same_trajectory(ds, stage):
 
 
 # ---- end to end: launch/deepspeed.sh, and DeepSpeed under accelerate launch ------------------------
-def _ds_checkpoint_params(run_dir) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a run's DeepSpeed checkpoint (stage 0: the module; 1-3: the ZeRO partitions joined)."""
-    ckpt = run_dir / "checkpoint"
-    tag = (ckpt / "latest").read_text().strip()
-    if not list(ckpt.glob(f"{tag}/*optim_states.pt")):
-        return torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
-
-
 def assert_checkpoint_matches(run_dir, ref_dir):
     """See tests.test_strategies.assert_same_parameters for the tolerance."""
-    ref_state = torch.load(ref_dir / "checkpoint.pt", weights_only=True)["model"]
-    state = _ds_checkpoint_params(run_dir)
+    ref_state = checkpoint_params(ref_dir)
+    state = checkpoint_params(run_dir)
     assert sorted(state) == sorted(ref_state)
     for name, value in state.items():
         torch.testing.assert_close(value.float(), ref_state[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -86,7 +86,8 @@ def assert_stopped(rc: int, err: str, run: Path, signum: int, wandb: bool = True
         assert [r["_step"] for r in history(run)] == [r["step"] for r in rows]  # every row reached W&B
         assert wandb_exit_code(run) == 128 + signum  # finished, and marked as not a success
     assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (run / "checkpoint.pt").exists()  # the run did not complete
+    assert (run / f"checkpoints/step_{step:08d}/checkpoint.pt").is_file()  # the stop wrote a checkpoint
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{step:08d}"
     assert_no_temporary_files(run)
     assert "Traceback" not in err
     return step
@@ -199,9 +200,9 @@ def test_disk_full_at_the_checkpoint(tiny_disk):
     p = start([f"run.out_dir={run}", "train.max_steps=12", "optim.warmup_steps=0", "logging.every=4",
                "logging.wandb.mode=disabled"])
     rc, _, err = finish(p)
-    assert_disk_full_error(rc, err, run / "checkpoint.pt")
+    assert_disk_full_error(rc, err, run / "checkpoints/step_00000012")
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [4, 8, 12]
-    assert not (run / "checkpoint.pt").exists()
+    assert not list((run / "checkpoints").iterdir())  # nothing half-written, not even a temporary folder
     assert_no_temporary_files(run)
 
 
@@ -265,7 +266,7 @@ def test_overwrite_refuses_files_it_did_not_write(tmp_path):
     assert p.returncode == 2
     assert "holds files dist_train did not write (notes.txt, wandb/important.txt)" in p.stderr
     assert (run / "notes.txt").read_text() == "mine" and (run / "wandb/important.txt").read_text() == "mine too"
-    assert (run / "checkpoint.pt").exists()  # the earlier run is untouched as well
+    assert (run / "checkpoints/latest").exists()  # the earlier run is untouched as well
     (run / "notes.txt").unlink()
     (run / "wandb" / "important.txt").unlink()
     p = train(args + ["run.overwrite=true", "train.max_steps=3"])
@@ -304,7 +305,7 @@ def test_a_run_losing_the_race_for_a_directory_removes_nothing_of_the_winner(tmp
     # Another run takes the directory between this run's check and its lock.
     (run / "wandb" / "offline-run-x").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    monkeypatch.setattr(RunDir, "check", lambda self, overwrite: None)  # as it passed a moment ago
+    monkeypatch.setattr(RunDir, "check", lambda self, overwrite, resume=False: None)  # as it passed a moment ago
     with pytest.raises(UsageError, match="already holds a run"):
         loser.open(overwrite=False)  # found again under the lock
     assert (run / "wandb" / "offline-run-x").is_dir() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -22,7 +22,7 @@ from dist_train.errors import ConfigError
 from dist_train.metrics import read_jsonl
 from dist_train.strategies import Plan, resolve
 from dist_train.trainer import build, optimizer_step
-from tests.conftest import DEBUG, FAST, ROOT
+from tests.conftest import DEBUG, FAST, ROOT, checkpoint_params
 from tests.dist_utils import spawn
 from tests.test_train import assert_wandb_matches_jsonl
 
@@ -334,7 +334,7 @@ def assert_same_trajectory(rows, ref, rel):
 
 
 def _model_state(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    return checkpoint_params(run_dir)
 
 
 def assert_same_parameters(run_dir, ref_dir):

@@ -12,7 +12,7 @@ import yaml
 from dist_train.cli import main
 from dist_train.data import GlobalBatches, split_for_rank
 from dist_train.metrics import read_jsonl
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, latest_checkpoint
 from tests.wandb_reader import config as wandb_config
 from tests.wandb_reader import exit_code as wandb_exit_code
 from tests.wandb_reader import history
@@ -63,7 +63,8 @@ def test_readme_first_command_writes_metrics_wandb_run_and_plot(tmp_path):
         assert sent[section] == saved[section], section  # the resolved config, as saved, reached W&B
     assert saved["train"]["max_steps"] == 12
     assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run / "config.yaml").is_file() and (run / "checkpoint.pt").is_file()
+    assert (run / "config.yaml").is_file() and (run / "checkpoints/step_00000012/checkpoint.pt").is_file()
+    assert (run / "checkpoints/latest").read_text() == "step_00000012\n"
     assert "step 12/12" in p.stderr  # plain log lines when not on a terminal
 
 
@@ -92,7 +93,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, no_wand
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [3, 4, 5]  # every skipped step is logged; nothing is lost
     assert rows[-1]["optim/skipped_steps"] == 3
-    assert not (run / "checkpoint.pt").exists()
+    assert not (run / "checkpoints").exists()  # a failed run writes no checkpoint
     assert_wandb_matches_jsonl(run)
     assert wandb_exit_code(run) == 1  # the stopped run is marked failed in W&B
 
@@ -147,7 +148,7 @@ def test_text_file_character_level(tmp_path, no_wandb_env):
     rc = main(["train", "-c", DEBUG, f"run.out_dir={run}", *FAST, f"data.text_file={text}",
                "model.block_size=16", "train.global_batch_size=8", "logging.wandb.mode=disabled"])
     assert rc == 0
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(latest_checkpoint(run) / "checkpoint.pt", weights_only=True)
     assert ckpt["model"]["tok.weight"].shape[0] == len(set(text.read_text(encoding="utf-8")))
 
 
@@ -164,7 +165,7 @@ def test_custom_model_factory_example(tmp_path, no_wandb_env, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "-c", DEBUG, f"run.out_dir={run}", *FAST, "model.factory=examples.custom_model:build",
                  "logging.wandb.mode=disabled"]) == 0
-    assert "conv.weight" in torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    assert "conv.weight" in torch.load(latest_checkpoint(run) / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_plot_command_redraws(tmp_path, no_wandb_env, capsys):

@@ -167,9 +167,6 @@ def create(plan: Plan, dist, device: torch.device, cfg: Optional[Config] = None)
         cls = DeepSpeedStrategy if plan.strategy == "deepspeed" else AccelerateDeepSpeedStrategy
         return cls(dist, device, cfg)
 
-    if plan.strategy == "fsdp" and not dist.distributed:
-        raise ConfigError("config key 'dist.strategy': fsdp shards over processes and needs at least 2; start "
-                          "it with launch/torchrun.sh (NPROC_PER_NODE=2 or more)")
     if plan.strategy == "accelerate":
         from dist_train.strategies.accelerate import AccelerateStrategy
 

@@ -32,7 +32,7 @@ from dist_train.distributed import DistState
 from dist_train.errors import ConfigError
 from dist_train.strategies import env_true
 from dist_train.strategies.base import OptimizerFactory, Strategy
-from dist_train.strategies.fsdp import whole_state
+from dist_train.strategies.fsdp import load_sharded, save_sharded, whole_state
 
 CPU_RECIPE = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (launch/accelerate.sh does this)"
 
@@ -110,3 +110,17 @@ class AccelerateStrategy(Strategy):
         if self.fsdp:
             return whole_state(model, optimizer)
         return super().state_for_checkpoint(model, optimizer)
+
+    @property
+    def checkpoint_kind(self) -> str:  # type: ignore[override]
+        return "dcp" if self.fsdp else "file"
+
+    def save_checkpoint(self, model, optimizer, folder, state, is_main) -> None:
+        if self.fsdp:  # Accelerate's FSDP2 model is fully_shard's: the same sharded checkpoint
+            return save_sharded(model, optimizer, folder, state, is_main)
+        return super().save_checkpoint(model, optimizer, folder, state, is_main)
+
+    def load_checkpoint(self, model, optimizer, folder):
+        if self.fsdp:
+            return load_sharded(model, optimizer, folder)
+        return super().load_checkpoint(model, optimizer, folder)

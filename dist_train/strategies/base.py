@@ -44,8 +44,6 @@ class Strategy:
     replicated = True
     #: True when an engine does everything after the last backward (`engine_step`).
     engine_steps = False
-    #: The checkpoint's name in the run directory.
-    checkpoint_name = "checkpoint.pt"
 
     def __init__(self, amp: Optional[Amp] = None):
         self.amp = amp or Amp()
@@ -115,16 +113,33 @@ class Strategy:
         """(model, optimizer) state dicts, whole (collective where sharded: call on every rank)."""
         return self.unwrap(model).state_dict(), optimizer.state_dict()
 
-    def save_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
+    #: How this strategy lays out a checkpoint: "file" (one whole file), "dcp" (torch.distributed.checkpoint
+    #: shards), "deepspeed" (the engine's files). A checkpoint resumes under a strategy of the same kind.
+    checkpoint_kind = "file"
+
+    def save_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
                         state: dict[str, Any], is_main: bool) -> None:
         """Every rank calls this (a sharded model is gathered); rank 0 writes `state` with the whole model
-        and optimizer state to the file `path`, atomically."""
+        and optimizer state into one file of `folder`, atomically."""
         from dist_train.rundir import torch_save
 
         model_state, optimizer_state = self.state_for_checkpoint(model, optimizer)
         if is_main:
-            torch_save({**state, "model": model_state, "optimizer": optimizer_state}, path)
+            torch_save({**state, "model": model_state, "optimizer": optimizer_state}, folder / CHECKPOINT_FILE)
 
+    def load_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path
+                        ) -> dict[str, Any]:
+        """Every rank calls this: restore the model and optimizer from `folder`, return the trainer's state."""
+        from dist_train.checkpoint import safe_load
+
+        data = safe_load(folder / CHECKPOINT_FILE)
+        self.unwrap(model).load_state_dict(data.pop("model"))
+        optimizer.load_state_dict(data.pop("optimizer"))
+        return data
+
+
+#: The one file of a checkpoint of a replicated model (single process, DDP, Accelerate).
+CHECKPOINT_FILE = "checkpoint.pt"
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """A sharded DTensor's whole value (a collective), or the tensor itself."""

@@ -313,15 +313,9 @@ class DeepSpeedStrategy(Strategy):
         self._skip_update = False
 
     def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
-        import torch.distributed as dist
+        from dist_train.distributed import one_process_group
 
-        if not dist.is_initialized():
-            # One process (no launcher, or a launcher with one process): DeepSpeed still needs a group.
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            for var in ("RANK", "LOCAL_RANK"):
-                os.environ.setdefault(var, "0")  # DeepSpeed reads them
-            os.environ.setdefault("WORLD_SIZE", "1")
+        one_process_group(self.device)  # one process (no launcher, or one process): DeepSpeed still needs a group
         optimizer = make_optimizer(list(model.parameters()))
         self.engine = engine = self._initialize(model, optimizer)
         if self.own_norm:
@@ -426,18 +420,41 @@ class DeepSpeedStrategy(Strategy):
             out.append(full.float())
         return out
 
-    checkpoint_name = "checkpoint"
+    checkpoint_kind = "deepspeed"
 
-    def save_checkpoint(self, model, optimizer, path: Path, state: dict[str, Any], is_main: bool) -> None:
-        """`engine.save_checkpoint` into the directory `path` (every rank writes its partitions; `latest`
-        names the complete one), with dist_train's own state as client state."""
-        self.engine.save_checkpoint(str(path), client_state=state)
+    def save_checkpoint(self, model, optimizer, folder: Path, state: dict[str, Any], is_main: bool) -> None:
+        """`engine.save_checkpoint` into `folder` (every rank writes its partitions), and the trainer's state
+        in `trainer.pt` (rank 0). The engine's `latest` is not written: dist_train keeps its own."""
+        from dist_train.checkpoint import TRAINER
+        from dist_train.rundir import torch_save
 
-    def load_checkpoint(self, model, optimizer, path: Path) -> dict[str, Any]:
-        _, client_state = self.engine.load_checkpoint(str(path))
-        if client_state is None:
-            raise ConfigError(f"no DeepSpeed checkpoint in '{path}' (no 'latest' file)")
-        return client_state
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        if is_main:
+            torch_save(state, folder / TRAINER)
+
+    def load_checkpoint(self, model, optimizer, folder: Path) -> dict[str, Any]:
+        """Every file is first read with weights_only=True (allowing DeepSpeed's own loss-scaler and ZeRO
+        stage classes, which its optimizer state holds): only then does the engine, which unpickles
+        without that restriction, load them."""
+        from dist_train.checkpoint import TRAINER, safe_load
+
+        for f in sorted(folder.glob("*.pt")):
+            if f.name != TRAINER:
+                safe_load(f, allow=_deepspeed_safe_globals())
+        state = safe_load(folder / TRAINER)
+        path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        if path is None:
+            raise ConfigError(f"DeepSpeed found no checkpoint in '{folder}'")
+        return state
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed classes its checkpoints hold besides tensors (plain data: the loss scaler's settings, the
+    ZeRO stage enum)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
 
 
 class AccelerateDeepSpeedStrategy(DeepSpeedStrategy):

@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -36,6 +37,7 @@ class FSDPStrategy(Strategy):
         # No autocast: FSDP casts the parameters itself. fp16 needs a loss scale.
         super().__init__(Amp(scaler=torch.amp.GradScaler(device.type) if precision == Precision.fp16 else None))
         self.dist = dist
+        self.device = device
         self.precision = precision
         self.units = 0
 
@@ -44,6 +46,9 @@ class FSDPStrategy(Strategy):
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
     def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
+        from dist_train.distributed import one_process_group
+
+        one_process_group(self.device)  # one process: a mesh of one (nothing sharded; resumes a sharded run)
         mp = self.mp_policy()
         units = [unit for module in model.modules() if isinstance(module, torch.nn.ModuleList) for unit in module]
         # Reversed pre-order: a nested unit is sharded before the unit that holds it, as FSDP2 requires.
@@ -68,8 +73,16 @@ class FSDPStrategy(Strategy):
         finally:
             model.set_requires_gradient_sync(True)
 
+    checkpoint_kind = "dcp"
+
     def state_for_checkpoint(self, model, optimizer):
         return whole_state(model, optimizer)
+
+    def save_checkpoint(self, model, optimizer, folder: Path, state: dict[str, Any], is_main: bool) -> None:
+        save_sharded(model, optimizer, folder, state, is_main)
+
+    def load_checkpoint(self, model, optimizer, folder: Path) -> dict[str, Any]:
+        return load_sharded(model, optimizer, folder)
 
 
 def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -83,3 +96,43 @@ def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path, state: dict[str, Any],
+                 is_main: bool) -> None:
+    """torch.distributed.checkpoint: every rank writes its shards of the model and of AdamW's moments into
+    `folder`; rank 0 writes the trainer's state and the optimizer's param_groups to `trainer.pt`. Only
+    tensors go through DCP (it would pickle anything else), so loading needs no arbitrary pickle."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from dist_train.checkpoint import TRAINER
+    from dist_train.rundir import torch_save
+
+    optim = get_optimizer_state_dict(model, optimizer)
+    dcp.save({"model": get_model_state_dict(model), "optim": optim["state"]}, checkpoint_id=str(folder))
+    if is_main:
+        torch_save({**state, "param_groups": optim["param_groups"]}, folder / TRAINER)
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
+    """The inverse of save_sharded, on any number of ranks: DCP reshards the saved tensors onto this
+    run's mesh, so a checkpoint of 2 processes resumes on 1 or 3."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from dist_train.checkpoint import TRAINER, check_dcp_metadata, safe_load
+
+    state = safe_load(folder / TRAINER)
+    check_dcp_metadata(folder)
+    model_state = get_model_state_dict(model)
+    optim = get_optimizer_state_dict(model, optimizer)  # AdamW's state, created (zero) if it has none yet
+    dcp.load({"model": model_state, "optim": optim["state"]}, checkpoint_id=str(folder))
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, {"state": optim["state"], "param_groups": state.pop("param_groups")})
+    return state

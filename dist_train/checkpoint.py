@@ -1,0 +1,278 @@
+"""Checkpoints: written atomically, kept in rotation, checked before a resume, loaded without pickle.
+
+Layout of `<run dir>/checkpoints/`:
+
+    latest                  the name of the newest complete checkpoint (one line)
+    step_00000200/          the state after optimizer step 200
+        manifest.json       written last: every file of the checkpoint with its size and SHA-256
+        checkpoint.pt       single process, DDP, Accelerate: everything, whole, written by rank 0
+        trainer.pt          FSDP2, DeepSpeed: the trainer's state (rank 0), beside the strategy's files:
+        .metadata, __*.distcp   FSDP2: torch.distributed.checkpoint, every rank writes its shards
+        mp_rank_*, *optim_states.pt   DeepSpeed: the engine's own files, every rank its partitions
+
+Writing (every rank takes part): the strategy writes into `.tmp-step_N/`; after a
+barrier rank 0 writes the manifest, renames the folder to `step_N/`, then points
+`latest` at it (a temporary file renamed onto it) and removes all but the newest
+`train.keep_checkpoints`. A crash at any moment leaves either the previous
+checkpoints alone or the new one complete.
+
+Resuming: rank 0 walks the checkpoints newest first and takes the first whose
+manifest matches its files (size and hash), warning about each one it passes
+over (truncated, corrupt, incomplete). Every `.pt` file is read with
+`torch.load(weights_only=True)`; a file that needs arbitrary pickle is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from dist_train.errors import UsageError
+from dist_train.rundir import atomic_path
+
+log = logging.getLogger("dist_train")
+
+DIR = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+TRAINER = "trainer.pt"
+FORMAT = 1
+_NAME = re.compile(r"^step_(\d{8,})$")
+#: Config keys whose value decides the trajectory: a resume must not change them.
+TRAJECTORY_KEYS = ("model", "data", "train.global_batch_size", "train.seed")
+
+
+class UnsafeCheckpoint(UsageError):
+    """A checkpoint file that holds objects only arbitrary pickle could rebuild."""
+
+
+def name_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    """The complete-looking checkpoint folders under `root`, newest (highest step) first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=lambda p: step_of(p), reverse=True)  # type: ignore[arg-type, return-value]
+
+
+# ---- integrity ----------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, step: int, extra: dict[str, Any]) -> None:
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    text = json.dumps({"format": FORMAT, "step": step, **extra, "files": files}, indent=1) + "\n"
+    with atomic_path(folder / MANIFEST) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+def problem(folder: Path) -> Optional[str]:
+    """Why the checkpoint in `folder` cannot be used (None: its files are those its manifest lists)."""
+    try:
+        manifest = read_manifest(folder)
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            return "its manifest lists no files"
+    except FileNotFoundError:
+        return "it has no manifest.json (it was never completed)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest.json is unreadable ({type(e).__name__})"
+    for rel, want in files.items():
+        p = folder / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != want.get("bytes"):
+            return f"{rel} is truncated or changed ({size} bytes, {want.get('bytes')} written)"
+        if _sha256(p) != want.get("sha256"):
+            return f"{rel} is corrupt (its SHA-256 differs from the one written)"
+    return None
+
+
+def newest_valid(root: Path) -> Optional[Path]:
+    """The newest checkpoint under `root` whose files are intact; a warning for each newer one skipped."""
+    for folder in checkpoints_in(root):
+        why = problem(folder)
+        if why is None:
+            return folder
+        log.warning("checkpoint %s cannot be used: %s; trying the previous one", folder, why)
+    return None
+
+
+def resolve_resume(resume: str, out_dir: Path) -> Optional[Path]:
+    """The checkpoint folder `train.resume` asks for: `auto` (the newest intact one in this run, or None
+    to start from step 0) or a path (a checkpoint folder, or a run directory's newest intact one).
+    Called on rank 0 only."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return newest_valid(out_dir / DIR)
+    p = Path(resume)
+    if step_of(p) is not None or (p / MANIFEST).exists():
+        why = problem(p)
+        if why is not None:
+            raise UsageError(f"train.resume: the checkpoint '{p}' cannot be used: {why}; pass another checkpoint "
+                             "or train.resume=auto")
+        return p
+    for root in (p / DIR, p):
+        if checkpoints_in(root):
+            found = newest_valid(root)
+            if found is None:
+                raise UsageError(f"train.resume: no checkpoint in '{root}' is intact (see the warnings above)")
+            return found
+    raise UsageError(f"train.resume: '{p}' is neither a checkpoint (a step_N folder) nor a run directory "
+                     "holding checkpoints; pass one, or train.resume=auto")
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def begin(root: Path, step: int) -> Path:
+    """Rank 0: an empty temporary folder for the checkpoint of `step`."""
+    tmp = root / f".tmp-{name_of(step)}"
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a save that crashed half-way
+    tmp.mkdir()
+    return tmp
+
+
+def commit(root: Path, tmp: Path, step: int, keep: int, extra: dict[str, Any]) -> Path:
+    """Rank 0, after every rank wrote its files: manifest, rename, `latest`, rotation."""
+    write_manifest(tmp, step, extra)
+    final = root / name_of(step)
+    if final.exists():  # the same step saved again (a run resumed from it, stopped before its next step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with atomic_path(root / LATEST) as t:
+        t.write_text(final.name + "\n", encoding="utf-8")
+    for old in checkpoints_in(root)[keep:]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_leftovers(root: Path) -> None:
+    """Temporary folders of saves that never completed."""
+    if root.is_dir():
+        for p in root.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---- loading without pickle ---------------------------------------------------------------------
+def safe_load(path: Path, allow: Iterable[Any] = ()) -> Any:
+    """torch.load with weights_only=True (tensors, numbers, strings and containers; plus `allow`)."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else "unknown object"
+        raise UnsafeCheckpoint(f"refusing to load '{path}': it holds objects that need arbitrary pickle ({what}); "
+                               "dist_train loads checkpoints with weights_only=True; use a checkpoint written by "
+                               "dist-train, or resume from another one") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UsageError(f"cannot read checkpoint file '{path}' ({str(e).splitlines()[0] if str(e) else e})") \
+            from None
+
+
+# ---- random states ------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (torch CPU, CUDA, Python's `random`)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuple(x: Any) -> Any:
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- compatibility -----------------------------------------------------------------------------
+def _select(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The trajectory-defining config keys whose value differs between a checkpoint's config and this run's."""
+    out = []
+    for key in TRAJECTORY_KEYS:
+        a, b = _select(saved, key), _select(now, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def check_dcp_metadata(folder: Path) -> None:
+    """torch.distributed.checkpoint reads its `.metadata` with plain pickle, and any non-tensor entry with
+    torch.load(weights_only=False). Read the metadata first with torch's weights-only unpickler (DCP's own
+    metadata classes allowed), and require every entry to be a tensor, so neither ever unpickles an
+    arbitrary object."""
+    from torch import _weights_only_unpickler
+    from torch.distributed.checkpoint import metadata as M
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    allowed = [M.Metadata, M.TensorStorageMetadata, M.ChunkStorageMetadata, M.TensorProperties,
+               M.BytesStorageMetadata, M.MetadataIndex, M.StorageMeta, _StorageInfo, torch.Size]
+    path = folder / ".metadata"
+    try:
+        with open(path, "rb") as f, torch.serialization.safe_globals(allowed):
+            meta = _weights_only_unpickler.load(f, encoding="ASCII")
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"refusing to load '{path}': it holds objects that need arbitrary pickle "
+                               f"({str(e).splitlines()[0]}); use a checkpoint written by dist-train") from None
+    except (OSError, EOFError, ValueError) as e:
+        raise UsageError(f"cannot read checkpoint file '{path}' ({e})") from None
+    if not isinstance(meta, M.Metadata):
+        raise UnsafeCheckpoint(f"refusing to load '{path}': it is not torch.distributed.checkpoint metadata")
+    others = [k for k, v in meta.state_dict_metadata.items() if not isinstance(v, M.TensorStorageMetadata)]
+    if others:
+        raise UnsafeCheckpoint(f"refusing to load '{folder}': entries {', '.join(others[:3])} are not tensors and "
+                               "would be unpickled without restriction; use a checkpoint written by dist-train")
