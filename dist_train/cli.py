@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.check:
         from dist_train.rundir import RunDir
 
-        RunDir(cfg.run.out_dir).check(cfg.run.overwrite)
+        RunDir(cfg.run.out_dir).check(cfg.run.overwrite, cfg.train.resume != "none")
         _say("dist-train: config OK")
         return 0
     from dist_train.distributed import DistState, requeue_slurm_job

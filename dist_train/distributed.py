@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from dist_train.errors import DistTrainError, TrainingError, UsageError
+from dist_train.errors import DistTrainError, Stopped, TrainingError, UsageError
 
 T = TypeVar("T")
 
@@ -188,9 +188,14 @@ class DistState:
         self._cpu_group = None if self.backend == "gloo" else dist.new_group(
             backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         try:
-            yield self
+            try:
+                yield self
+            except Stopped:
+                dist.barrier()  # a stop every rank agreed on: leave together too (below)
+                raise
             # Leave together: a rank that tears down its connections while another
-            # still works (rank 0 writing the plot) can make gloo abort the process.
+            # still works (rank 0 writing the plot) can make gloo abort the process,
+            # and a launcher that sees one rank exit ends the others.
             dist.barrier()
         finally:
             self._active = False

@@ -6,7 +6,9 @@ optimizer step in progress, the ranks agree on where to stop
 W&B finished and marked stopped, the plot drawn, exit code 128 + signal.
 SIGTERM is what `scancel`, a time limit, a preemption and torchrun's agent
 send; SIGINT is Ctrl-C. A second signal calls `on_abort`, which ends the
-process at once.
+process at once; the same signal again within DUPLICATE_S seconds does not: under
+Slurm a signal reaches every process of the job step, and torchrun's agent
+forwards its copy to the workers as well.
 
 SIGUSR2 (the signal the slurm/ scripts ask for before the time limit or a
 preemption; SIGUSR1 does the same) stops the run the same way, and after its
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Callable, Optional
 
+#: A repeat of the first signal within this many seconds is the same request delivered twice, not an abort.
+DUPLICATE_S = 1.0
 #: Signals that ask for a checkpoint and a requeue of the Slurm job.
 REQUEUE_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS)
@@ -33,6 +38,7 @@ class StopSignal:
         self.on_first = on_first
         self.on_abort = on_abort
         self.signum: Optional[int] = None
+        self._at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -44,9 +50,13 @@ class StopSignal:
         return self.signum in REQUEUE_SIGNALS
 
     def _handle(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
         if self.signum is None:
             self.signum = signum
+            self._at = now
             self.on_first(signum)
+        elif signum == self.signum and now - self._at < DUPLICATE_S:
+            pass  # the same signal delivered twice (by Slurm to every process, and by torchrun's agent)
         else:
             self.on_abort(signum)
 

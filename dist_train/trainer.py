@@ -183,7 +183,8 @@ def save_checkpoint(s: Setup, run_dir: Path, p: Progress) -> Path:
     try:
         s.strategy.save_checkpoint(s.model, s.optimizer, tmp, trainer_state(s, p), s.dist.is_main)
         s.dist.barrier()  # every rank's files are written
-        extra = {"strategy": s.plan.strategy, "kind": s.strategy.checkpoint_kind, "world_size": s.dist.world_size}
+        extra = {"strategy": s.plan.strategy, "kind": s.strategy.checkpoint_kind, "world_size": s.dist.world_size,
+                 "config": C.to_dict(s.cfg)}
         with writing(root / ckpt.name_of(p.step)):
             final = s.dist.on_main(lambda: ckpt.commit(root, tmp, p.step, s.cfg.train.keep_checkpoints, extra))
     except BaseException as e:
@@ -207,12 +208,12 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
     if kind == "deepspeed" and world != s.dist.world_size:
         raise ConfigError(f"train.resume: the DeepSpeed checkpoint '{folder}' was written by {world} processes and "
                           f"this run has {s.dist.world_size}; DeepSpeed's checkpoints resume on the same world size")
-    state = s.strategy.load_checkpoint(s.model, s.optimizer, folder)
-    changed = ckpt.changed_keys(state["config"], C.to_dict(s.cfg))
+    changed = ckpt.changed_keys(manifest.get("config", {}), C.to_dict(s.cfg))
     if changed:
         raise ConfigError(f"train.resume: config key '{changed[0]}' differs from the checkpoint's ("
                           f"{len(changed)} key(s) that decide the trajectory: {', '.join(changed[:4])}); set them "
                           f"as in {folder.parent.parent / 'config.yaml'}, or start a new run")
+    state = s.strategy.load_checkpoint(s.model, s.optimizer, folder)
     s.scheduler.load_state_dict(state["scheduler"])
     policy = state["clip_policy"]
     if policy["name"] == s.policy.name:

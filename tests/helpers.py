@@ -103,27 +103,30 @@ def overflow_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 
 
 def signal_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """model.factory: TinyGPT that sends STOP_SIGNAL (default SIGTERM) to its own process at training forward
+    """model.factory: TinyGPT that sends STOP_SIGNAL (default SIGTERM) to its own process (or its parent) at training forward
     call STOP_AT_CALL (0-based), on rank STOP_RANK (default 0): a stop at a known step. Unset: a plain TinyGPT
     with the same parameter names, so stopped, resumed and uninterrupted runs share checkpoints."""
     import signal as S
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     at = int(os.environ.get("STOP_AT_CALL", "-1")) if rank == int(os.environ.get("STOP_RANK", "0")) else -1
-    return SignalAt(TinyGPT(cfg, vocab_size), at, getattr(S, os.environ.get("STOP_SIGNAL", "SIGTERM")))
+    # Under a launcher, STOP_TARGET=parent signals the launcher's agent, which forwards it to every rank.
+    target = os.getppid() if os.environ.get("STOP_TARGET") == "parent" else os.getpid()
+    return SignalAt(TinyGPT(cfg, vocab_size), at, getattr(S, os.environ.get("STOP_SIGNAL", "SIGTERM")), target)
 
 
 class SignalAt(nn.Module):
-    def __init__(self, inner: nn.Module, at_call: int, signum: int):
+    def __init__(self, inner: nn.Module, at_call: int, signum: int, pid: int):
         super().__init__()
         self.inner = inner
         self.at_call = at_call
         self.signum = signum
+        self.pid = pid
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             if self.calls == self.at_call:
-                os.kill(os.getpid(), self.signum)
+                os.kill(self.pid, self.signum)
             self.calls += 1
         return self.inner(x)

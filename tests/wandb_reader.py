@@ -58,8 +58,13 @@ def run_file(run_dir: Path) -> Path:
 
 def history(run_dir: Path) -> list[dict]:
     """History rows of the offline run."""
+    return history_of(run_file(run_dir))
+
+
+def history_of(path: Path) -> list[dict]:
+    """History rows of one offline run file."""
     rows = []
-    for rec in records(run_file(run_dir)):
+    for rec in records(path):
         if rec.WhichOneof("record_type") != "history":
             continue
         row = {}

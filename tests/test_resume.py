@@ -1,0 +1,211 @@
+"""Checkpoints and resume, outside Slurm: a run stopped at step k (SIGTERM) and resumed with
+train.resume=auto equals the uninterrupted run, on one process, DDP, FSDP2 and DeepSpeed ZeRO-2; DDP
+and FSDP2 checkpoints of 2 processes resume on 1 and on 3; a corrupt newest checkpoint falls back to
+the previous one; a checkpoint that needs arbitrary pickle is refused.
+
+The stop comes from the model itself (tests.helpers:signal_gpt sends SIGTERM to its process at a
+given forward call), so it lands at the same step every time. Same world size: the resumed run
+repeats the uninterrupted run's arithmetic exactly, so losses, norms and final weights are compared
+for equality. Another world size sums the same global batch in another order (the all-reduce of 2 or 3
+partial gradients, not 1), so it is compared to fp32 tolerance (rel 1e-5, as the strategy tests).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.metrics import read_jsonl
+from tests.conftest import DEBUG, cli, checkpoint_params, latest_checkpoint
+from tests.test_strategies import _script
+from tests.wandb_reader import history_of
+
+# 48 samples a step: divisible by 1, 2 and 3 processes.
+BASE = ["-c", str(DEBUG), "train.max_steps=12", "optim.warmup_steps=4", "logging.every=4", "logging.progress=plain",
+        "train.global_batch_size=48", "model.factory=tests.helpers:signal_gpt"]
+STOP_CALL = "6"  # the 7th training forward: one process stops after step 7; under torchrun the agent forwards the
+# signal to every rank, and they stop together a step or two later (wherever, it is read from the stop line)
+KEYS = ("train/loss", "grad_norm/raw", "grad_norm/clipped", "grad_norm/clip_coef", "grad_norm/threshold", "optim/lr",
+        "optim/step_skipped", "optim/skipped_steps")
+
+
+def train(run: Path, how: str, nproc: int = 1, *extra: str, stop: bool = False, wandb: str = "disabled"):
+    env = {"STOP_AT_CALL": STOP_CALL, "STOP_TARGET": "self" if how == "single" else "parent"} if stop else {}
+    args = [f"run.out_dir={run}", f"logging.wandb.mode={wandb}", *extra]
+    if how == "single":
+        return cli("train", *BASE, *args, env=env)
+    strategy = {"ddp": [], "fsdp": ["dist.strategy=fsdp"], "deepspeed": ["dist.strategy=deepspeed"]}[how]
+    return _script("launch/torchrun.sh", *BASE[2:], *args, *strategy, NPROC_PER_NODE=str(nproc), **env)
+
+
+def stopped_step(p) -> int:
+    assert p.returncode == 128 + signal.SIGTERM, p.stdout + p.stderr
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("dist-train: stopped:")][-1]
+    assert "continue with train.resume=auto" in line, line
+    return int(line.split("stopped after step ")[1].split()[0])
+
+
+def assert_resumed_equals(run: Path, ref: Path, step: int, rel: float = 0.0) -> None:
+    """metrics.jsonl: the uninterrupted run's rows, plus the row of the step it stopped after (always logged),
+    each step once; the final weights equal (rel=0) or within `rel`."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    want = read_jsonl(ref / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) == sorted({r["step"] for r in want} | {step}), steps
+    by_step = {r["step"]: r for r in rows}
+    for q in want:
+        r = by_step[q["step"]]
+        for key in KEYS:
+            if rel == 0 or q[key] is None or isinstance(q[key], int):
+                assert r[key] == q[key], (q["step"], key, r[key], q[key])
+            else:
+                assert r[key] == pytest.approx(q[key], rel=rel), (q["step"], key)
+    got, ref_state = checkpoint_params(run), checkpoint_params(ref)
+    assert sorted(got) == sorted(ref_state)
+    for name in ref_state:
+        if rel == 0:
+            assert torch.equal(got[name].float(), ref_state[name].float()), name
+        else:
+            torch.testing.assert_close(got[name].float(), ref_state[name].float(), rtol=rel, atol=1e-6)
+
+
+def stop_and_resume(tmp_path, how: str, nproc: int, *extra: str, wandb: str = "disabled"):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    p = train(ref, how, nproc, *extra)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = train(run, how, nproc, *extra, stop=True, wandb=wandb)
+    k = stopped_step(p)
+    assert 0 < k < 12 and (run / f"checkpoints/step_{k:08d}/manifest.json").is_file()
+    p = train(run, how, nproc, *extra, "train.resume=auto", wandb=wandb)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} (step {k})" in p.stderr
+    return ref, run, k
+
+
+def test_single_process_resumes_exactly_and_continues_the_wandb_run(tmp_path):
+    ref, run, k = stop_and_resume(tmp_path, "single", 1, wandb="offline")
+    assert k == 7
+    assert_resumed_equals(run, ref, k)
+    # W&B: one run, continued: both offline folders carry the same run id, and together hold every row once.
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and files[0].name == files[1].name, files
+    steps = [row["_step"] for f in files for row in history_of(f)]
+    assert sorted(steps) == [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def test_ddp_resumes_exactly_and_on_another_world_size(tmp_path):
+    ref, run, k = stop_and_resume(tmp_path, "ddp", 2)
+    assert_resumed_equals(run, ref, k)
+    # The 2-process checkpoint of step k, resumed on 1 and on 3 processes.
+    for nproc in (1, 3):
+        other = tmp_path / f"on{nproc}"
+        p = train(other, "ddp" if nproc > 1 else "single", nproc, f"train.resume={run / 'checkpoints' / f'step_{k:08d}'}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        rows = read_jsonl(other / "metrics.jsonl")
+        assert rows[0]["step"] > k  # a new run directory: its metrics start after the checkpoint
+        assert_resumed_equals_after(other, ref, k)
+
+
+def assert_resumed_equals_after(run: Path, ref: Path, k: int, rel: float = 1e-5) -> None:
+    rows = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl")}
+    want = [r for r in read_jsonl(ref / "metrics.jsonl") if r["step"] > k]
+    assert sorted(rows) == [r["step"] for r in want]
+    for q in want:
+        for key in ("train/loss", "grad_norm/raw", "grad_norm/clipped", "optim/lr"):
+            assert rows[q["step"]][key] == pytest.approx(q[key], rel=rel), (q["step"], key)
+    got, ref_state = checkpoint_params(run), checkpoint_params(ref)
+    for name in ref_state:
+        torch.testing.assert_close(got[name].float(), ref_state[name].float(), rtol=rel, atol=1e-6)
+
+
+def test_fsdp2_resumes_exactly_and_on_another_world_size(tmp_path):
+    ref, run, k = stop_and_resume(tmp_path, "fsdp", 2)
+    assert (latest_checkpoint(run) / ".metadata").is_file()
+    assert sorted(p.name for p in latest_checkpoint(run).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert_resumed_equals(run, ref, k)
+    for nproc in (1, 3):
+        other = tmp_path / f"on{nproc}"
+        p = train(other, "fsdp", nproc, f"train.resume={run / 'checkpoints' / f'step_{k:08d}'}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"FSDP2 over {nproc} processes" in p.stderr
+        assert_resumed_equals_after(other, ref, k)
+
+
+def test_deepspeed_zero2_resumes_exactly(tmp_path):
+    ref, run, k = stop_and_resume(tmp_path, "deepspeed", 2, f"dist.deepspeed_config={Path('configs/deepspeed/zero2.json').resolve()}")
+    assert list(latest_checkpoint(run).glob("*optim_states.pt"))
+    assert_resumed_equals(run, ref, k)
+    # Another world size is refused, with the reason.
+    p = train(tmp_path / "on1", "deepspeed", 1, f"train.resume={latest_checkpoint(run)}")
+    assert p.returncode == 2 and "DeepSpeed's checkpoints resume on the same world size" in p.stderr, p.stderr
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train(ref, "single", 1).returncode == 0
+    p = train(run, "single", 1, "train.checkpoint_every=2", "train.keep_checkpoints=3", stop=True)
+    k = stopped_step(p)
+    assert k == 7
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000004", "step_00000006", "step_00000007"]  # the newest 3 are kept
+    newest = run / "checkpoints/step_00000007/checkpoint.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, different content
+    newest.write_bytes(bytes(data))
+    (run / "checkpoints/step_00000006/checkpoint.pt").write_bytes(b"")  # and a truncated one before it
+    p = train(run, "single", 1, "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.resume=auto")
+    assert p.returncode == 0, p.stderr
+    warnings = [ln for ln in p.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 2, p.stderr
+    assert "step_00000007 cannot be used: checkpoint.pt is corrupt" in warnings[0]
+    assert "step_00000006 cannot be used: checkpoint.pt is truncated" in warnings[1]
+    assert "resumed from" in p.stderr and "(step 4)" in p.stderr
+    assert_resumed_equals(run, ref, 4)  # the row of step 7 was dropped with its checkpoint; 5-12 trained again
+
+
+def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "single", 1, "train.max_steps=2", "optim.warmup_steps=0").returncode == 0
+    folder = latest_checkpoint(run)
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    state["payload"] = Path("/")  # any object torch.load(weights_only=True) does not rebuild
+    torch.save(state, folder / "checkpoint.pt")
+    # A manifest that matches, so only the weights-only load can catch it.
+    from dist_train.checkpoint import read_manifest, write_manifest
+
+    manifest = read_manifest(folder)
+    write_manifest(folder, manifest["step"], {k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
+    p = train(tmp_path / "other", "single", 1, "train.max_steps=4", "optim.warmup_steps=0",
+              f"train.resume={folder}")
+    assert p.returncode == 2, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"dist-train: error: refusing to load '{folder / 'checkpoint.pt'}': it holds objects that "
+                           "need arbitrary pickle"), line
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_refuses_a_changed_trajectory_key(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "single", 1, "train.max_steps=2", "optim.warmup_steps=0").returncode == 0
+    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto", "model.d_model=32")
+    assert p.returncode == 2
+    assert "config key 'model.d_model' differs from the checkpoint's" in p.stderr, p.stderr
+    # Without a change it continues: train.max_steps may grow.
+    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
+    assert p.returncode == 0, p.stderr
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2, 4]
+
+
+def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
+    run = tmp_path / "run"
+    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
+    assert p.returncode == 0, p.stderr
+    assert "no checkpoint yet, starting at step 0" in p.stderr
+    shutil.rmtree(run / "checkpoints")  # a run that never reached its first checkpoint
+    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
+    assert p.returncode == 0, p.stderr
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [4]  # started over: no duplicate rows
