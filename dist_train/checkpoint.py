@@ -252,19 +252,35 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def check_dcp_metadata(folder: Path) -> None:
     """torch.distributed.checkpoint reads its `.metadata` with plain pickle, and any non-tensor entry with
-    torch.load(weights_only=False). Read the metadata first with torch's weights-only unpickler (DCP's own
-    metadata classes allowed), and require every entry to be a tensor, so neither ever unpickles an
-    arbitrary object."""
-    from torch import _weights_only_unpickler
+    torch.load(weights_only=False). Read the metadata first with an unpickler that builds only DCP's own
+    metadata classes and torch's dtypes, and require every entry to be a tensor, so neither ever unpickles
+    an arbitrary object."""
     from torch.distributed.checkpoint import metadata as M
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    allowed = [M.Metadata, M.TensorStorageMetadata, M.ChunkStorageMetadata, M.TensorProperties,
-               M.BytesStorageMetadata, M.MetadataIndex, M.StorageMeta, _StorageInfo, torch.Size]
+    allowed = {(c.__module__, c.__qualname__): c for c in (
+        M.Metadata, M.TensorStorageMetadata, M.ChunkStorageMetadata, M.TensorProperties, M.BytesStorageMetadata,
+        M.MetadataIndex, M.StorageMeta, M._MEM_FORMAT_ENCODING, _StorageInfo, torch.Size)}
+
+    class Restricted(pickle.Unpickler):  # Python's documented way to restrict what unpickling may build
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in allowed:
+                return allowed[(module, name)]
+            if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                               torch.memory_format)):
+                return getattr(torch, name)
+            if (module, name) in (("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):  # StorageMeta's path
+                return getattr(__import__("pathlib"), name)
+            if (module, name) == ("torch.serialization", "_get_layout"):  # a lookup of torch.strided etc. by name
+                return torch.serialization._get_layout
+            if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")):
+                return {"OrderedDict": __import__("collections").OrderedDict, "set": set, "frozenset": frozenset}[name]
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
     path = folder / ".metadata"
     try:
-        with open(path, "rb") as f, torch.serialization.safe_globals(allowed):
-            meta = _weights_only_unpickler.load(f, encoding="ASCII")
+        with open(path, "rb") as f:
+            meta = Restricted(f).load()
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f"refusing to load '{path}': it holds objects that need arbitrary pickle "
                                f"({str(e).splitlines()[0]}); use a checkpoint written by dist-train") from None

@@ -119,7 +119,8 @@ def assert_resumed_equals_after(run: Path, ref: Path, k: int, rel: float = 1e-5)
             assert rows[q["step"]][key] == pytest.approx(q[key], rel=rel), (q["step"], key)
     got, ref_state = checkpoint_params(run), checkpoint_params(ref)
     for name in ref_state:
-        torch.testing.assert_close(got[name].float(), ref_state[name].float(), rtol=rel, atol=1e-6)
+        # atol as tests.test_strategies.assert_same_parameters (AdamW's update where a gradient is near 0).
+        torch.testing.assert_close(got[name].float(), ref_state[name].float(), rtol=rel, atol=1e-5)
 
 
 def test_fsdp2_resumes_exactly_and_on_another_world_size(tmp_path):
@@ -136,12 +137,15 @@ def test_fsdp2_resumes_exactly_and_on_another_world_size(tmp_path):
 
 
 def test_deepspeed_zero2_resumes_exactly(tmp_path):
-    ref, run, k = stop_and_resume(tmp_path, "deepspeed", 2, f"dist.deepspeed_config={Path('configs/deepspeed/zero2.json').resolve()}")
+    ds_config = f"dist.deepspeed_config={Path('configs/deepspeed/zero2.json').resolve()}"
+    ref, run, k = stop_and_resume(tmp_path, "deepspeed", 2, ds_config)
     assert list(latest_checkpoint(run).glob("*optim_states.pt"))
     assert_resumed_equals(run, ref, k)
     # Another world size is refused, with the reason.
-    p = train(tmp_path / "on1", "deepspeed", 1, f"train.resume={latest_checkpoint(run)}")
+    p = cli("train", *BASE, f"run.out_dir={tmp_path / 'on1'}", "dist.strategy=deepspeed", ds_config,
+            f"train.resume={latest_checkpoint(run)}", "logging.wandb.mode=disabled")
     assert p.returncode == 2 and "DeepSpeed's checkpoints resume on the same world size" in p.stderr, p.stderr
+    assert not (tmp_path / "on1").exists()
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):

@@ -450,11 +450,12 @@ class DeepSpeedStrategy(Strategy):
 
 def _deepspeed_safe_globals() -> list[Any]:
     """DeepSpeed classes its checkpoints hold besides tensors (plain data: the loss scaler's settings, the
-    ZeRO stage enum)."""
+    ZeRO stage enum, the (start, numel) address of a parameter's fragment in a partition)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 class AccelerateDeepSpeedStrategy(DeepSpeedStrategy):
