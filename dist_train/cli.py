@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Optional, Sequence
@@ -110,6 +111,9 @@ def _train(args: argparse.Namespace) -> int:
             raise
         if not is_main:
             return 0
+        # Slurm answers the requeue by sending SIGTERM to the job: with everything saved, this process
+        # only has to report and exit 0, so that signal must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             job = requeue_slurm_job()
         except TrainingError as err:

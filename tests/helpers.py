@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -86,7 +88,6 @@ class SlowAt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            import time
 
             time.sleep(self.seconds)
         return self.inner(x)
@@ -112,7 +113,12 @@ def signal_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     at = int(os.environ.get("STOP_AT_CALL", "-1")) if rank == int(os.environ.get("STOP_RANK", "0")) else -1
     # Under a launcher, STOP_TARGET=parent signals the launcher's agent, which forwards it to every rank.
     target = os.getppid() if os.environ.get("STOP_TARGET") == "parent" else os.getpid()
-    return SignalAt(TinyGPT(cfg, vocab_size), at, getattr(S, os.environ.get("STOP_SIGNAL", "SIGTERM")), target)
+    if os.environ.get("WHERE_DIR"):  # which node each rank ran on (Slurm's simulated nodes share one host)
+        where = Path(os.environ["WHERE_DIR"]) / f"rank{rank}"
+        where.write_text(f"{os.environ.get('SLURMD_NODENAME', '?')}\n")
+    model = SignalAt(TinyGPT(cfg, vocab_size), at, getattr(S, os.environ.get("STOP_SIGNAL", "SIGTERM")), target)
+    model.sleep = float(os.environ.get("SLOW_S", "0"))  # seconds per training forward: time to act mid-run
+    return model
 
 
 class SignalAt(nn.Module):
@@ -123,10 +129,13 @@ class SignalAt(nn.Module):
         self.signum = signum
         self.pid = pid
         self.calls = 0
+        self.sleep = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             if self.calls == self.at_call:
                 os.kill(self.pid, self.signum)
             self.calls += 1
+            if self.sleep:
+                time.sleep(self.sleep)
         return self.inner(x)
