@@ -414,9 +414,15 @@ def train(
     s = build(cfg, dist, device)
     folder = find_resume(s, run_dir) if resume else None
     resumed = load_checkpoint(s, folder) if folder is not None else None
-    if resumed is not None and resumed.step >= cfg.train.max_steps:
-        raise ConfigError(f"train.resume: the checkpoint '{folder}' is at step {resumed.step}, and train.max_steps is "
-                          f"{cfg.train.max_steps}: nothing left to train; raise train.max_steps to train further")
+    if resumed is not None and resumed.step > cfg.train.max_steps:
+        raise ConfigError(f"train.resume: the checkpoint '{folder}' is at step {resumed.step}, beyond train.max_steps="
+                          f"{cfg.train.max_steps}; raise train.max_steps (or resume from an earlier checkpoint)")
+    if resumed is not None and resumed.step == cfg.train.max_steps:
+        # A finished run (a requeued job that had already completed, say): nothing to do, nothing touched.
+        if dist.is_main:
+            log.info("the checkpoint %s is at train.max_steps=%d: this run is complete, nothing left to train "
+                     "(raise train.max_steps to train further)", folder, cfg.train.max_steps)
+        return run_dir.path
     out = dist.on_main(lambda: open_outputs(cfg, s, run_dir, resumed))
     start = resumed or Progress()
     if out is not None and out.wandb is not None:
