@@ -183,6 +183,17 @@ def commit(root: Path, tmp: Path, step: int, keep: int, extra: dict[str, Any]) -
     return final
 
 
+def drop_newer(root: Path, step: int) -> list[str]:
+    """A run resumed from `step` discards what came after it: the checkpoints of later steps (ones that
+    failed their check, or an abandoned continuation). Returns their names."""
+    dropped = []
+    for folder in checkpoints_in(root):
+        if step_of(folder) > step:  # type: ignore[operator]
+            shutil.rmtree(folder, ignore_errors=True)
+            dropped.append(folder.name)
+    return dropped
+
+
 def remove_leftovers(root: Path) -> None:
     """Temporary folders of saves that never completed."""
     if root.is_dir():

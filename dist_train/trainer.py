@@ -267,6 +267,11 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Pro
         run_dir.write_text("config.yaml", C.to_yaml(cfg))
         if s.dataset.itos is not None:
             run_dir.write_text("vocab.json", json.dumps(s.dataset.itos, ensure_ascii=False) + "\n")
+        if resume:
+            step = resumed.step if resumed is not None else 0
+            dropped = ckpt.drop_newer(run_dir.path / ckpt.DIR, step)
+            if dropped:
+                log.warning("resuming from step %d discards the later checkpoints %s", step, ", ".join(dropped))
         metrics = run_dir.path / "metrics.jsonl"
         if not (resume and metrics.exists()):
             run_dir.wrote("metrics.jsonl")

@@ -164,10 +164,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     p = train(run, "single", 1, "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.resume=auto")
     assert p.returncode == 0, p.stderr
     warnings = [ln for ln in p.stderr.splitlines() if "warning" in ln]
-    assert len(warnings) == 2, p.stderr
+    assert len(warnings) == 3, p.stderr
     assert "step_00000007 cannot be used: checkpoint.pt is corrupt" in warnings[0]
     assert "step_00000006 cannot be used: checkpoint.pt is truncated" in warnings[1]
     assert "resumed from" in p.stderr and "(step 4)" in p.stderr
+    assert "resuming from step 4 discards the later checkpoints step_00000007, step_00000006" in warnings[2]
     assert_resumed_equals(run, ref, 4)  # the row of step 7 was dropped with its checkpoint; 5-12 trained again
 
 
