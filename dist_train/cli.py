@@ -82,7 +82,10 @@ def _stop_signal(is_main: bool):
              "(metrics.jsonl holds every step logged so far)")
         os._exit(128 + signum)
 
-    return StopSignal(first, abort)
+    from dist_train.distributed import in_slurm_step
+    from dist_train.signals import DUPLICATE_S, DUPLICATE_S_SLURM
+
+    return StopSignal(first, abort, DUPLICATE_S_SLURM if in_slurm_step() else DUPLICATE_S)
 
 
 def _train(args: argparse.Namespace) -> int:

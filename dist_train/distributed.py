@@ -284,6 +284,11 @@ def one_process_group(device: torch.device) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
 
 
+def in_slurm_step(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs in a Slurm job step (under srun), where Slurm signals every process."""
+    return "SLURM_STEP_ID" in env
+
+
 def requeue_slurm_job(env: Mapping[str, str] = os.environ) -> str:
     """`scontrol requeue` this Slurm job (call from one rank). Returns the job id; raises TrainingError
     outside Slurm or when scontrol fails or is missing (inside some containers)."""

@@ -6,8 +6,8 @@ optimizer step in progress, the ranks agree on where to stop
 W&B finished and marked stopped, the plot drawn, exit code 128 + signal.
 SIGTERM is what `scancel`, a time limit, a preemption and torchrun's agent
 send; SIGINT is Ctrl-C. A second signal calls `on_abort`, which ends the
-process at once; the same signal again within DUPLICATE_S seconds does not: under
-Slurm a signal reaches every process of the job step, and torchrun's agent
+process at once; the same signal again within `duplicate_s` seconds does not:
+in a Slurm job step a signal reaches every process, and torchrun's agent
 forwards its copy to the workers as well.
 
 SIGUSR2 (the signal the slurm/ scripts ask for before the time limit or a
@@ -24,8 +24,11 @@ import threading
 import time
 from typing import Callable, Optional
 
-#: A repeat of the first signal within this many seconds is the same request delivered twice, not an abort.
-DUPLICATE_S = 1.0
+#: A repeat of the first signal within this many seconds is the same request delivered twice, not an abort:
+#: short where nothing duplicates signals (a second Ctrl-C aborts), longer in a Slurm job step, where Slurm
+#: signals every process and torchrun's agent forwards its own copy a moment later.
+DUPLICATE_S = 0.1
+DUPLICATE_S_SLURM = 2.0
 #: Signals that ask for a checkpoint and a requeue of the Slurm job.
 REQUEUE_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS)
@@ -34,9 +37,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS)
 class StopSignal:
     """Installs the handlers for its `with` block and restores the previous ones after it."""
 
-    def __init__(self, on_first: Callable[[int], None], on_abort: Callable[[int], None]):
+    def __init__(self, on_first: Callable[[int], None], on_abort: Callable[[int], None],
+                 duplicate_s: float = DUPLICATE_S):
         self.on_first = on_first
         self.on_abort = on_abort
+        self.duplicate_s = duplicate_s
         self.signum: Optional[int] = None
         self._at = 0.0
         self._previous: dict[int, object] = {}
@@ -55,7 +60,7 @@ class StopSignal:
             self.signum = signum
             self._at = now
             self.on_first(signum)
-        elif signum == self.signum and now - self._at < DUPLICATE_S:
+        elif signum == self.signum and now - self._at < self.duplicate_s:
             pass  # the same signal delivered twice (by Slurm to every process, and by torchrun's agent)
         else:
             self.on_abort(signum)

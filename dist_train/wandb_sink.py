@@ -86,7 +86,16 @@ class WandbSink:
             self.run.finish(exit_code=exit_code)
         except Exception as e:
             self._lost(e)
+            return
         self.run = None
+        try:
+            # Shut W&B's service down now rather than at interpreter exit: a requeued Slurm job's processes
+            # get SIGTERM (the service too) right after, and the exit hook would print a traceback.
+            import wandb
+
+            wandb.teardown()
+        except Exception:
+            pass  # the run is finished and its files are written; the service's end is not ours to report
 
     def _lost(self, e: Exception) -> None:
         log.warning("W&B stopped working (%s); metrics.jsonl keeps every row; going on without W&B", describe(e))

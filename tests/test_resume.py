@@ -87,7 +87,8 @@ def stop_and_resume(tmp_path, how: str, nproc: int, *extra: str, wandb: str = "d
 
 
 def test_single_process_resumes_exactly_and_continues_the_wandb_run(tmp_path):
-    ref, run, k = stop_and_resume(tmp_path, "single", 1, wandb="offline")
+    # Dropout draws from the random generator every step: equality needs its state restored too.
+    ref, run, k = stop_and_resume(tmp_path, "single", 1, "model.dropout=0.1", wandb="offline")
     assert k == 7
     assert_resumed_equals(run, ref, k)
     # W&B: one run, continued: both offline folders carry the same run id, and together hold every row once.
@@ -214,3 +215,22 @@ def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
     p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
     assert p.returncode == 0, p.stderr
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [4]  # started over: no duplicate rows
+
+
+def test_sigusr2_stops_with_a_checkpoint_and_says_when_the_requeue_fails(tmp_path):
+    """SIGUSR2, the slurm/ scripts' signal: outside Slurm a plain stop with a checkpoint (exit 128 + 12); in a
+    Slurm job whose scontrol is missing, the checkpoint is written and the one error line says to resubmit."""
+    run = tmp_path / "run"
+    p = cli("train", *BASE, f"run.out_dir={run}", "logging.wandb.mode=disabled",
+            env={"STOP_AT_CALL": STOP_CALL, "STOP_SIGNAL": "SIGUSR2"})
+    assert p.returncode == 128 + signal.SIGUSR2, p.stderr
+    assert "stopped: SIGUSR2 received; stopped after step 7" in p.stderr
+    assert (run / "checkpoints/step_00000007/manifest.json").is_file()
+    other = tmp_path / "other"
+    p = cli("train", *BASE, f"run.out_dir={other}", "logging.wandb.mode=disabled",
+            env={"STOP_AT_CALL": STOP_CALL, "STOP_SIGNAL": "SIGUSR2", "SLURM_JOB_ID": "42", "PATH": str(tmp_path)})
+    assert p.returncode == 1, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"dist-train: error: SIGUSR2: checkpoint {other / 'checkpoints/step_00000007'} written, "
+                           "but scontrol requeue 42 could not run"), line
+    assert line.endswith("resubmit the job: it resumes from the checkpoint with train.resume=auto"), line

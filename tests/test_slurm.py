@@ -245,3 +245,16 @@ def test_debug_sbatch_is_preempted_through_the_batch_shell_and_resumes(slurm, tm
     k = int(log.split("checkpoints/step_")[1].split(")")[0])
     assert "1 process (no launcher)" in log and f"(step {k}); metrics.jsonl continues" in log, log
     assert_resumed_equals(run, ref, k)
+
+
+def test_requeue_without_scontrol_says_what_to_do(tmp_path, monkeypatch):
+    """Inside some containers scontrol is missing: the requeue fails with a reason (the CLI then says the
+    checkpoint is written and to resubmit), never silently."""
+    from dist_train.distributed import requeue_slurm_job
+    from dist_train.errors import TrainingError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol on it
+    with pytest.raises(TrainingError, match=r"scontrol requeue 42 could not run"):
+        requeue_slurm_job({"SLURM_JOB_ID": "42"})
+    with pytest.raises(TrainingError, match="not a Slurm job"):
+        requeue_slurm_job({})
