@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
         RunDir(cfg.run.out_dir).check(cfg.run.overwrite, cfg.train.resume != "none")
         _say("dist-train: config OK")
         return 0
-    from dist_train.distributed import DistState, requeue_slurm_job
+    from dist_train.distributed import DistState, requeue_slurm_job, slurm_job_id
     from dist_train.errors import Stopped
     from dist_train.signals import REQUEUE_SIGNALS
     from dist_train.trainer import train
@@ -110,20 +110,23 @@ def _train(args: argparse.Namespace) -> int:
     except Stopped as e:
         # The requeue signal: with the checkpoint written and every rank done (the process group is gone),
         # one rank asks Slurm to requeue the job; the requeued job resumes from the checkpoint.
-        if e.signum not in REQUEUE_SIGNALS or e.checkpoint is None or not os.environ.get("SLURM_JOB_ID"):
+        if e.signum not in REQUEUE_SIGNALS or e.checkpoint is None or slurm_job_id() is None:
             raise
         if not is_main:
             return 0
         # Slurm answers the requeue by sending SIGTERM to the job: with everything saved, this process
-        # only has to report and exit 0, so that signal must not cut it short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # only has to report and exit 0, so that signal must not cut the report short.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            job = requeue_slurm_job()
-        except TrainingError as err:
-            raise TrainingError(f"{signal_name(e.signum)}: checkpoint {e.checkpoint} written, but {err}; resubmit "
-                                "the job: it resumes from the checkpoint with train.resume=auto") from None
-        _say(f"dist-train: {signal_name(e.signum)}: stopped after a checkpoint ({e.checkpoint}); Slurm job {job} "
-             "requeued: it resumes from there")
+            try:
+                job = requeue_slurm_job()
+            except TrainingError as err:
+                raise TrainingError(f"{signal_name(e.signum)}: checkpoint {e.checkpoint} written, but {err}; "
+                                    "resubmit the job: it resumes from the checkpoint with train.resume=auto") from None
+            _say(f"dist-train: {signal_name(e.signum)}: stopped after a checkpoint ({e.checkpoint}); Slurm job {job} "
+                 "requeued: it resumes from there")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return 0
     if state.is_main:
         _say(f"dist-train: done; run directory {run_dir}")

@@ -284,6 +284,11 @@ def one_process_group(device: torch.device) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
 
 
+def slurm_job_id(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """This Slurm job's id (None outside Slurm)."""
+    return env.get("SLURM_JOB_ID") or None
+
+
 def in_slurm_step(env: Mapping[str, str] = os.environ) -> bool:
     """Whether this process runs in a Slurm job step (under srun), where Slurm signals every process."""
     return "SLURM_STEP_ID" in env

@@ -149,12 +149,14 @@ def test_deepspeed_zero2_resumes_exactly(tmp_path):
     assert not (tmp_path / "on1").exists()
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, monkeypatch):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert train(ref, "single", 1).returncode == 0
-    p = train(run, "single", 1, "train.checkpoint_every=2", "train.keep_checkpoints=3", stop=True)
-    k = stopped_step(p)
-    assert k == 7
+    every = ["optim.warmup_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    assert in_process(capsys, ref, *every)[0] == 0
+    monkeypatch.setenv("STOP_AT_CALL", STOP_CALL)  # SIGTERM to this process, handled by dist-train's handler
+    rc, err = in_process(capsys, run, *every)
+    monkeypatch.delenv("STOP_AT_CALL")
+    assert rc == 128 + signal.SIGTERM and "stopped after step 7 of 12" in err, err
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000006", "step_00000007"]  # the newest 3 are kept
     newest = run / "checkpoints/step_00000007/checkpoint.pt"
@@ -162,20 +164,29 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, different content
     newest.write_bytes(bytes(data))
     (run / "checkpoints/step_00000006/checkpoint.pt").write_bytes(b"")  # and a truncated one before it
-    p = train(run, "single", 1, "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.resume=auto")
-    assert p.returncode == 0, p.stderr
-    warnings = [ln for ln in p.stderr.splitlines() if "warning" in ln]
-    assert len(warnings) == 3, p.stderr
+    rc, err = in_process(capsys, run, *every, "train.resume=auto")
+    assert rc == 0, err
+    warnings = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warnings) == 3, err
     assert "step_00000007 cannot be used: checkpoint.pt is corrupt" in warnings[0]
     assert "step_00000006 cannot be used: checkpoint.pt is truncated" in warnings[1]
-    assert "resumed from" in p.stderr and "(step 4)" in p.stderr
+    assert "resumed from" in err and "(step 4)" in err
     assert "resuming from step 4 discards the later checkpoints step_00000007, step_00000006" in warnings[2]
     assert_resumed_equals(run, ref, 4)  # the row of step 7 was dropped with its checkpoint; 5-12 trained again
 
 
-def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(tmp_path):
+def in_process(capsys, run: Path, *extra: str) -> tuple[int, str]:
+    """`dist-train train` in this process (no signal involved: cheaper than a subprocess); (exit code, stderr)."""
+    from dist_train.cli import main
+
+    capsys.readouterr()
+    rc = main(["train", *BASE, f"run.out_dir={run}", "logging.wandb.mode=disabled", "optim.warmup_steps=0", *extra])
+    return rc, capsys.readouterr().err
+
+
+def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(run, "single", 1, "train.max_steps=2", "optim.warmup_steps=0").returncode == 0
+    assert in_process(capsys, run, "train.max_steps=2")[0] == 0
     folder = latest_checkpoint(run)
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     state["payload"] = Path("/")  # any object torch.load(weights_only=True) does not rebuild
@@ -185,52 +196,58 @@ def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(tmp_path):
 
     manifest = read_manifest(folder)
     write_manifest(folder, manifest["step"], {k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
-    p = train(tmp_path / "other", "single", 1, "train.max_steps=4", "optim.warmup_steps=0",
-              f"train.resume={folder}")
-    assert p.returncode == 2, p.stderr
-    line = p.stderr.strip().splitlines()[-1]
+    rc, err = in_process(capsys, tmp_path / "other", "train.max_steps=4", f"train.resume={folder}")
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
     assert line.startswith(f"dist-train: error: refusing to load '{folder / 'checkpoint.pt'}': it holds objects that "
                            "need arbitrary pickle"), line
     assert not (tmp_path / "other").exists()
 
 
-def test_resume_refuses_a_changed_trajectory_key(tmp_path):
+def test_resume_refuses_a_changed_trajectory_key(tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(run, "single", 1, "train.max_steps=2", "optim.warmup_steps=0").returncode == 0
-    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto", "model.d_model=32")
-    assert p.returncode == 2
-    assert "config key 'model.d_model' differs from the checkpoint's" in p.stderr, p.stderr
+    assert in_process(capsys, run, "train.max_steps=2")[0] == 0
+    rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto", "model.d_model=32")
+    assert rc == 2
+    assert "config key 'model.d_model' differs from the checkpoint's" in err, err
     # Without a change it continues: train.max_steps may grow.
-    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
-    assert p.returncode == 0, p.stderr
+    rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto")
+    assert rc == 0, err
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2, 4]
+    # Resuming a finished run changes nothing and says so.
+    before = (run / "metrics.jsonl").read_bytes()
+    rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto")
+    assert rc == 0 and "this run is complete, nothing left to train" in err, err
+    assert (run / "metrics.jsonl").read_bytes() == before
 
 
-def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path):
+def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path, capsys):
     run = tmp_path / "run"
-    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
-    assert p.returncode == 0, p.stderr
-    assert "no checkpoint yet, starting at step 0" in p.stderr
+    rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto")
+    assert rc == 0, err
+    assert "no checkpoint yet, starting at step 0" in err
     shutil.rmtree(run / "checkpoints")  # a run that never reached its first checkpoint
-    p = train(run, "single", 1, "train.max_steps=4", "optim.warmup_steps=0", "train.resume=auto")
-    assert p.returncode == 0, p.stderr
+    rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto")
+    assert rc == 0, err
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [4]  # started over: no duplicate rows
 
 
-def test_sigusr2_stops_with_a_checkpoint_and_says_when_the_requeue_fails(tmp_path):
+def test_sigusr2_stops_with_a_checkpoint_and_says_when_the_requeue_fails(tmp_path, capsys, monkeypatch):
     """SIGUSR2, the slurm/ scripts' signal: outside Slurm a plain stop with a checkpoint (exit 128 + 12); in a
     Slurm job whose scontrol is missing, the checkpoint is written and the one error line says to resubmit."""
+    monkeypatch.setenv("STOP_AT_CALL", STOP_CALL)
+    monkeypatch.setenv("STOP_SIGNAL", "SIGUSR2")
     run = tmp_path / "run"
-    p = cli("train", *BASE, f"run.out_dir={run}", "logging.wandb.mode=disabled",
-            env={"STOP_AT_CALL": STOP_CALL, "STOP_SIGNAL": "SIGUSR2"})
-    assert p.returncode == 128 + signal.SIGUSR2, p.stderr
-    assert "stopped: SIGUSR2 received; stopped after step 7" in p.stderr
+    rc, err = in_process(capsys, run)
+    assert rc == 128 + signal.SIGUSR2, err
+    assert "stopped: SIGUSR2 received; stopped after step 7" in err
     assert (run / "checkpoints/step_00000007/manifest.json").is_file()
     other = tmp_path / "other"
-    p = cli("train", *BASE, f"run.out_dir={other}", "logging.wandb.mode=disabled",
-            env={"STOP_AT_CALL": STOP_CALL, "STOP_SIGNAL": "SIGUSR2", "SLURM_JOB_ID": "42", "PATH": str(tmp_path)})
-    assert p.returncode == 1, p.stderr
-    line = p.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    rc, err = in_process(capsys, other)
+    assert rc == 1, err
+    line = err.strip().splitlines()[-1]
     assert line.startswith(f"dist-train: error: SIGUSR2: checkpoint {other / 'checkpoints/step_00000007'} written, "
                            "but scontrol requeue 42 could not run"), line
     assert line.endswith("resubmit the job: it resumes from the checkpoint with train.resume=auto"), line
