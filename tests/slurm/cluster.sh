@@ -40,6 +40,12 @@ start() {
       || die "could not install the Slurm packages with apt-get"
   fi
   stop  # an earlier cluster in the same directory
+  local port
+  for port in 16817 17001 17002; do  # a cluster started from another directory holds them
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      die "port $port is in use (another test cluster? stop it with: tests/slurm/cluster.sh stop ITS_DIR)"
+    fi
+  done
   mkdir -p "$DIR"/{state,spool-n1,spool-n2,log,munge}
   chmod 755 "$DIR/munge"
   local host cpus mem
