@@ -10,15 +10,16 @@ Layout of `<run dir>/checkpoints/`:
         .metadata, __*.distcp   FSDP2: torch.distributed.checkpoint, every rank writes its shards
         mp_rank_*, *optim_states.pt   DeepSpeed: the engine's own files, every rank its partitions
 
-Writing (every rank takes part): the strategy writes into `.tmp-step_N/`; after a
-barrier rank 0 writes the manifest, renames the folder to `step_N/`, then points
-`latest` at it (a temporary file renamed onto it) and removes all but the newest
+Writing (every rank takes part): the strategy writes into `.tmp-step_N/`; the
+ranks agree that every write succeeded and hash a share of the files each; rank
+0 writes the manifest, renames the folder to `step_N/`, then points `latest` at
+it (a temporary file renamed onto it) and removes all but the newest
 `train.keep_checkpoints`. A crash at any moment leaves either the previous
 checkpoints alone or the new one complete.
 
-Resuming: rank 0 walks the checkpoints newest first and takes the first whose
-manifest matches its files (size and hash), warning about each one it passes
-over (truncated, corrupt, incomplete). Every `.pt` file is read with
+Resuming: the ranks walk the checkpoints newest first, each checking its share
+of the files against the manifest (size and hash), and take the first intact
+one; rank 0 warns about each one passed over (truncated, corrupt, incomplete). Every `.pt` file is read with
 `torch.load(weights_only=True)`; a file that needs arbitrary pickle is refused.
 """
 
@@ -34,7 +35,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -87,9 +88,17 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path, step: int, extra: dict[str, Any]) -> None:
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    text = json.dumps({"format": FORMAT, "step": step, **extra, "files": files}, indent=1) + "\n"
+def hash_files(folder: Path, rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of this rank's share of the checkpoint's files (every world-th, from `rank`):
+    the ranks hash a checkpoint together, so no rank reads it all while the others wait."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in _files(folder)[rank::world]}
+
+
+def write_manifest(folder: Path, step: int, extra: dict[str, Any], files: Optional[dict[str, Any]] = None) -> None:
+    """The manifest, written last (atomically): `files` as the ranks hashed them, or all hashed here."""
+    files = hash_files(folder) if files is None else files
+    text = json.dumps({"format": FORMAT, "step": step, **extra, "files": dict(sorted(files.items()))}, indent=1) + "\n"
     with atomic_path(folder / MANIFEST) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
@@ -98,8 +107,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
 
 
-def problem(folder: Path) -> Optional[str]:
-    """Why the checkpoint in `folder` cannot be used (None: its files are those its manifest lists)."""
+def problem(folder: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """Why the checkpoint in `folder` cannot be used (None: fine), checking the manifest and this rank's
+    share of the files it lists (every world-th): each rank checks its share, and the answers are joined."""
     try:
         manifest = read_manifest(folder)
         files = manifest["files"]
@@ -109,7 +119,7 @@ def problem(folder: Path) -> Optional[str]:
         return "it has no manifest.json (it was never completed)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"its manifest.json is unreadable ({type(e).__name__})"
-    for rel, want in files.items():
+    for rel, want in sorted(files.items())[rank::world]:
         p = folder / rel
         try:
             size = p.stat().st_size
@@ -122,39 +132,80 @@ def problem(folder: Path) -> Optional[str]:
     return None
 
 
-def newest_valid(root: Path) -> Optional[Path]:
-    """The newest checkpoint under `root` whose files are intact; a warning for each newer one skipped."""
+Check = Callable[[Path], Optional[str]]
+
+
+def newest_valid(root: Path, check: Check = problem, warn: bool = True) -> Optional[Path]:
+    """The newest checkpoint under `root` that passes `check`; a warning for each newer one skipped."""
     for folder in checkpoints_in(root):
-        why = problem(folder)
+        why = check(folder)
         if why is None:
             return folder
-        log.warning("checkpoint %s cannot be used: %s; trying the previous one", folder, why)
+        if warn:
+            log.warning("checkpoint %s cannot be used: %s; trying the previous one", folder, why)
     return None
 
 
-def resolve_resume(resume: str, out_dir: Path) -> Optional[Path]:
-    """The checkpoint folder `train.resume` asks for: `auto` (the newest intact one in this run, or None
-    to start from step 0) or a path (a checkpoint folder, or a run directory's newest intact one).
-    Called on rank 0 only."""
+def _holds_a_run(out_dir: Path) -> bool:
+    return (out_dir / "metrics.jsonl").exists() or bool(checkpoints_in(out_dir / DIR))
+
+
+def resolve_resume(resume: str, out_dir: Path, check: Check = problem, warn: bool = True
+                   ) -> tuple[Optional[Path], Optional[str]]:
+    """(the checkpoint folder to resume from, the run's origin) for `train.resume`; (None, None): step 0.
+
+    - `auto`: the newest intact checkpoint in this run's directory.
+    - a path (a checkpoint folder, or a run directory: its newest intact one): that checkpoint, which
+      becomes the run's origin, saved in its checkpoints' manifests. A job started with it that is
+      requeued (the same arguments again) continues from its own newer checkpoints of that origin
+      instead of starting over; a rollback within this run (a path among its own checkpoints) discards
+      the newer ones.
+
+    Every rank calls this (`check` may be collective); only errors every rank finds alike are raised.
+    """
+    own = out_dir / DIR
     if resume == "none":
-        return None
+        return None, None
     if resume == "auto":
-        return newest_valid(out_dir / DIR)
+        found = newest_valid(own, check, warn)
+        return found, (read_manifest(found).get("resumed_from") if found is not None else None)
     p = Path(resume)
+    origin = str(p.resolve())
+    mine = next(iter(checkpoints_in(own)), None)
+    if mine is not None and _origin(mine) == origin:  # this job's own progress from that origin
+        found = newest_valid(own, check, warn)
+        if found is not None and _origin(found) == origin:
+            return found, origin
+    if not p.is_dir():
+        raise UsageError(f"train.resume: '{p}' is not a directory; pass a checkpoint folder "
+                         "(<run>/checkpoints/step_N), a run directory, auto or none")
     if step_of(p) is not None or (p / MANIFEST).exists():
-        why = problem(p)
+        why = check(p)
         if why is not None:
             raise UsageError(f"train.resume: the checkpoint '{p}' cannot be used: {why}; pass another checkpoint "
                              "or train.resume=auto")
-        return p
-    for root in (p / DIR, p):
-        if checkpoints_in(root):
-            found = newest_valid(root)
-            if found is None:
-                raise UsageError(f"train.resume: no checkpoint in '{root}' is intact (see the warnings above)")
-            return found
-    raise UsageError(f"train.resume: '{p}' is neither a checkpoint (a step_N folder) nor a run directory "
-                     "holding checkpoints; pass one, or train.resume=auto")
+        requested = p
+    else:
+        roots = [r for r in (p / DIR, p) if checkpoints_in(r)]
+        if not roots:
+            raise UsageError(f"train.resume: '{p}' is neither a checkpoint (a step_N folder) nor a run directory "
+                             "holding checkpoints; pass one, or train.resume=auto")
+        requested = newest_valid(roots[0], check, warn)  # type: ignore[assignment]
+        if requested is None:
+            raise UsageError(f"train.resume: no checkpoint in '{roots[0]}' is intact (see the warnings above)")
+        origin = str(requested.resolve())
+    inside = requested.resolve().parent == own.resolve()
+    if not inside and _holds_a_run(out_dir):
+        raise UsageError(f"train.resume: run.out_dir '{out_dir}' holds another run; to start from '{p}' choose a new "
+                         "run.out_dir (train.resume=auto continues the run that is there)")
+    return requested, origin
+
+
+def _origin(folder: Path) -> Optional[str]:
+    try:
+        return read_manifest(folder).get("resumed_from")
+    except (OSError, ValueError):
+        return None
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -168,9 +219,9 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
-def commit(root: Path, tmp: Path, step: int, keep: int, extra: dict[str, Any]) -> Path:
-    """Rank 0, after every rank wrote its files: manifest, rename, `latest`, rotation."""
-    write_manifest(tmp, step, extra)
+def commit(root: Path, tmp: Path, step: int, keep: int, extra: dict[str, Any], files: dict[str, Any]) -> Path:
+    """Rank 0, after every rank wrote its files and hashed its share: manifest, rename, `latest`, rotation."""
+    write_manifest(tmp, step, extra, files)
     final = root / name_of(step)
     if final.exists():  # the same step saved again (a run resumed from it, stopped before its next step)
         shutil.rmtree(final)
@@ -191,6 +242,13 @@ def drop_newer(root: Path, step: int) -> list[str]:
         if step_of(folder) > step:  # type: ignore[operator]
             shutil.rmtree(folder, ignore_errors=True)
             dropped.append(folder.name)
+    if dropped:
+        left = checkpoints_in(root)
+        if left:
+            with atomic_path(root / LATEST) as t:
+                t.write_text(left[0].name + "\n", encoding="utf-8")
+        else:
+            (root / LATEST).unlink(missing_ok=True)
     return dropped
 
 

@@ -189,11 +189,24 @@ class _OneLine(logging.Formatter):
         return f"dist-train: {record.levelname.lower()}: " + " ".join(record.getMessage().split("\n"))
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the one at setup), so that main()
+    called again in one process (tests, notebooks) never writes to a stream since replaced or closed."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(debug: bool) -> None:
     logger = logging.getLogger("dist_train")
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     if not any(getattr(h, "_dist_train", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_OneLine())
         handler._dist_train = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -348,10 +348,6 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     _require(bool(t.resume), "train.resume", "must be none, auto or a checkpoint path")
-    if t.resume not in ("none", "auto"):
-        _require(Path(t.resume).is_dir(), "train.resume",
-                 f"'{t.resume}' is not a directory; pass a checkpoint folder (<run>/checkpoints/step_N), a run "
-                 "directory, auto or none")
     if t.resume != "none":
         _require(not cfg.run.overwrite, "train.resume",
                  f"{t.resume} continues a run, and run.overwrite=true would start over; pass only one of them")

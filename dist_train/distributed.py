@@ -252,6 +252,14 @@ class DistState:
         if self._active:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (one small all-reduce, on the CPU)."""
+        if not self._active:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        return bool(t.item())
+
     def share(self, value: T) -> T:
         """Rank 0's `value` on every rank (a broadcast of a small picklable object)."""
         if not self._active:

@@ -23,7 +23,7 @@ from dist_train.amp import pick_device
 from dist_train.clip import ClipPolicy, build_policy
 from dist_train.data import GlobalBatches, TokenDataset, build_dataset, split_for_rank
 from dist_train.distributed import DistState
-from dist_train.errors import ConfigError, Stopped, TrainingError, io_error, signal_name, writing
+from dist_train.errors import ConfigError, Stopped, TrainingError, UsageError, io_error, signal_name, writing
 from dist_train.metrics import JsonlSink, Sink, Window, make_record
 from dist_train.model import build_model, check_model_output
 from dist_train.progress import ProgressReporter, hms
@@ -149,6 +149,7 @@ class Progress:
     skipped_total: int = 0
     consecutive: int = 0  # non-finite steps in a row, up to this step
     wandb_id: Optional[str] = None
+    origin: Optional[str] = None  # the checkpoint a train.resume=PATH started this run's line from
 
 
 def trainer_state(s: Setup, p: Progress) -> dict[str, Any]:
@@ -178,21 +179,40 @@ def save_checkpoint(s: Setup, run_dir: Path, p: Progress) -> Path:
     """Every rank calls this. The strategy writes into a temporary folder (rank 0 alone, or every rank its
     shards); then rank 0 completes it: manifest, rename, `latest`, rotation (see dist_train.checkpoint)."""
     root = run_dir / ckpt.DIR
-    with writing(root / ckpt.name_of(p.step)):
+    name = ckpt.name_of(p.step)
+    with writing(root / name):
         tmp = s.dist.share(s.dist.on_main(lambda: ckpt.begin(root, p.step)))
+    error: Optional[BaseException] = None
+    files: dict[str, Any] = {}
     try:
         s.strategy.save_checkpoint(s.model, s.optimizer, tmp, trainer_state(s, p), s.dist.is_main)
-        s.dist.barrier()  # every rank's files are written
+    except Exception as e:  # every rank learns of it below, rather than waiting for this one
+        error = e
+    if not s.dist.any(error is not None):  # every rank's files are written
+        try:
+            files = ckpt.hash_files(tmp, s.dist.rank, s.dist.world_size)
+        except OSError as e:
+            error = e
+    failed = s.dist.any(error is not None)
+    hashed = s.dist.gather(files) if not failed else []
+    try:
+        if failed:
+            if error is None:
+                err = TrainingError(f"writing checkpoint '{root / name}' failed on another rank (its error says why)")
+                err.scope = "main"
+                raise err
+            raise error
         extra = {"strategy": s.plan.strategy, "kind": s.strategy.checkpoint_kind, "world_size": s.dist.world_size,
-                 "config": C.to_dict(s.cfg)}
-        with writing(root / ckpt.name_of(p.step)):
-            final = s.dist.on_main(lambda: ckpt.commit(root, tmp, p.step, s.cfg.train.keep_checkpoints, extra))
+                 "resumed_from": p.origin, "config": C.to_dict(s.cfg)}
+        merged = {k: v for part in hashed for k, v in part.items()}
+        with writing(root / name):
+            final = s.dist.on_main(lambda: ckpt.commit(root, tmp, p.step, s.cfg.train.keep_checkpoints, extra, merged))
     except BaseException as e:
         if s.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
         cause = e.__cause__ if isinstance(e, TrainingError) else e
         if isinstance(cause, OSError):  # name the checkpoint, not the temporary file inside it
-            raise io_error(root / ckpt.name_of(p.step), cause) from e
+            raise io_error(root / name, cause) from e
         raise
     return s.dist.share(final)
 
@@ -214,7 +234,13 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
                           f"{len(changed)} key(s) that decide the trajectory: {', '.join(changed[:4])}); set them "
                           f"as in {folder.parent.parent / 'config.yaml'}, or start a new run")
     state = s.strategy.load_checkpoint(s.model, s.optimizer, folder)
+    data = state.get("data", {})
+    if data.get("num_samples") != len(s.dataset) or state.get("vocab") != s.dataset.itos:
+        raise ConfigError(f"train.resume: the data set differs from the checkpoint's ({len(s.dataset)} samples now, "
+                          f"{data.get('num_samples')} then, or another vocabulary): the steps would address other "
+                          "samples; resume with the same data, or start a new run")
     s.scheduler.load_state_dict(state["scheduler"])
+    apply_optim_config(s)
     policy = state["clip_policy"]
     if policy["name"] == s.policy.name:
         s.policy.load_state_dict(policy["state"])
@@ -235,13 +261,36 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
                     consecutive=state["consecutive_nonfinite"], wandb_id=state.get("wandb_id"))
 
 
-def find_resume(s: Setup, run_dir: RunDir) -> Optional[Path]:
-    """The checkpoint train.resume names, chosen on rank 0 and shared (None: start at step 0)."""
-    def choose() -> Optional[Path]:
-        ckpt.remove_leftovers(run_dir.path / ckpt.DIR)
-        return ckpt.resolve_resume(s.cfg.train.resume, run_dir.path)
+def check_checkpoint(s: Setup, folder: Path) -> Optional[str]:
+    """Why `folder` cannot be resumed from (None: intact). Every rank checks its share of the files (a
+    collective), so a large checkpoint is read once in all, in parallel, with no rank left waiting."""
+    mine = ckpt.problem(folder, s.dist.rank, s.dist.world_size)
+    return next((p for p in s.dist.gather(mine) if p is not None), None)
 
-    return s.dist.share(s.dist.on_main(choose))
+
+def apply_optim_config(s: Setup) -> None:
+    """After a resume, the optim.* values of this run's config (loading the optimizer and the schedule
+    restored the saved ones): the peak lr, betas and weight decay, and the lr of the current step under
+    this run's schedule. Unchanged values give back the very same numbers."""
+    o = s.cfg.optim
+    s.scheduler.base_lrs = [o.lr for _ in s.optimizer.param_groups]
+    for group, factor in zip(s.optimizer.param_groups, s.scheduler.lr_lambdas):
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * factor(s.scheduler.last_epoch)
+        group["betas"] = (o.beta1, o.beta2)
+        group["weight_decay"] = o.weight_decay
+
+
+def find_resume(s: Setup, run_dir: RunDir) -> tuple[Optional[Path], Optional[str]]:
+    """(the checkpoint train.resume names, the run's origin); (None, None): start at step 0. Every rank
+    takes part (the files are checked together); rank 0 warns about the checkpoints passed over."""
+    s.dist.on_main(lambda: ckpt.remove_leftovers(run_dir.path / ckpt.DIR))
+    try:
+        return ckpt.resolve_resume(s.cfg.train.resume, run_dir.path, functools.partial(check_checkpoint, s),
+                                   warn=s.dist.is_main)
+    except UsageError as e:
+        e.scope = "main"  # every rank found it alike; rank 0 says it
+        raise
 
 
 @dataclass
@@ -417,8 +466,12 @@ def train(
     resume = cfg.train.resume != "none"
     dist.on_main(lambda: run_dir.check(cfg.run.overwrite, resume))  # seconds before the setup, not after it
     s = build(cfg, dist, device)
-    folder = find_resume(s, run_dir) if resume else None
+    folder, origin = find_resume(s, run_dir) if resume else (None, None)
     resumed = load_checkpoint(s, folder) if folder is not None else None
+    if resumed is not None:
+        resumed.origin = origin
+        if folder.resolve().parent != (run_dir.path / ckpt.DIR).resolve():
+            resumed.wandb_id = None  # started from another run's checkpoint: a W&B run of its own
     if resumed is not None and resumed.step > cfg.train.max_steps:
         raise ConfigError(f"train.resume: the checkpoint '{folder}' is at step {resumed.step}, beyond train.max_steps="
                           f"{cfg.train.max_steps}; raise train.max_steps (or resume from an earlier checkpoint)")
@@ -465,7 +518,7 @@ def train(
             code = 0 if primary is None else getattr(primary, "exit_code", 1)
             if primary is None and outcome is not None and outcome.stopped_by is not None:
                 code = 128 + outcome.stopped_by
-            logged = out.jsonl.rows > 0
+            logged = out.jsonl.rows > 0 or saved is not None  # a checkpoint is kept even before a logged row
             steps = [(f"closing {type(k).__name__}", functools.partial(k.close, code)) for k in out.sinks]
             if logged:
                 from dist_train.plot import plot_run

@@ -251,3 +251,56 @@ def test_sigusr2_stops_with_a_checkpoint_and_says_when_the_requeue_fails(tmp_pat
     assert line.startswith(f"dist-train: error: SIGUSR2: checkpoint {other / 'checkpoints/step_00000007'} written, "
                            "but scontrol requeue 42 could not run"), line
     assert line.endswith("resubmit the job: it resumes from the checkpoint with train.resume=auto"), line
+
+
+def test_a_requeued_job_started_from_a_path_continues_its_own_progress(tmp_path, capsys):
+    """slurm/ scripts pass the same arguments to every requeue of a job: a job started with
+    train.resume=PATH must continue from its own newer checkpoints, not start from PATH again."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    every = ["train.checkpoint_every=4", "train.keep_checkpoints=3"]
+    assert in_process(capsys, a, *every)[0] == 0  # a: 4, 8, 12
+    start = a / "checkpoints/step_00000008"
+    rc, err = in_process(capsys, b, *every, f"train.resume={start}", "train.max_steps=10")
+    assert rc == 0 and f"resumed from {start} (step 8)" in err, err
+    # The same submission again (a requeue, or after the time limit), with more steps to go:
+    rc, err = in_process(capsys, b, *every, f"train.resume={start}")
+    assert rc == 0 and f"resumed from {b / 'checkpoints/step_00000010'} (step 10)" in err, err
+    assert [r["step"] for r in read_jsonl(b / "metrics.jsonl")] == [10, 12]
+    # Starting from another run's checkpoint into a directory that holds an unrelated run is refused.
+    rc, err = in_process(capsys, a, f"train.resume={b / 'checkpoints/step_00000010'}")
+    assert rc == 2 and "holds another run" in err, err
+
+
+def test_a_rollback_discards_the_later_checkpoints_and_its_requeue_keeps_going(tmp_path, capsys):
+    run = tmp_path / "run"
+    every = ["train.checkpoint_every=4", "train.keep_checkpoints=3"]
+    assert in_process(capsys, run, *every)[0] == 0  # 4, 8, 12
+    back = run / "checkpoints/step_00000004"
+    rc, err = in_process(capsys, run, *every, f"train.resume={back}", "train.max_steps=10")
+    assert rc == 0, err
+    assert "resuming from step 4 discards the later checkpoints step_00000012, step_00000008" in err, err
+    assert (run / "checkpoints/latest").read_text() == "step_00000010\n"
+    rc, err = in_process(capsys, run, *every, f"train.resume={back}")  # requeued: its own step 10, not step 4
+    assert rc == 0 and "(step 10)" in err and "discards the later" not in err, err
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [4, 8, 10, 12]
+
+
+def test_optim_keys_of_the_resumed_run_apply(tmp_path, capsys):
+    run = tmp_path / "run"
+    const = ["optim.schedule=constant", "optim.lr=1e-3", "optim.weight_decay=0.0"]
+    assert in_process(capsys, run, *const, "train.max_steps=4")[0] == 0
+    rc, err = in_process(capsys, run, "optim.schedule=constant", "optim.lr=2e-4", "train.max_steps=8",
+                         "train.resume=auto")
+    assert rc == 0, err
+    assert [r["optim/lr"] for r in read_jsonl(run / "metrics.jsonl")] == [1e-3, 2e-4]
+
+
+def test_a_changed_text_file_is_refused(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh " * 200, encoding="utf-8")
+    run = tmp_path / "run"
+    args = [f"data.text_file={text}", "model.block_size=16", "train.global_batch_size=8", "train.max_steps=2"]
+    assert in_process(capsys, run, *args)[0] == 0
+    text.write_text("abcdefgz " * 200, encoding="utf-8")  # same size, another vocabulary
+    rc, err = in_process(capsys, run, *args[:-1], "train.max_steps=4", "train.resume=auto")
+    assert rc == 2 and "the data set differs from the checkpoint's" in err, err

@@ -436,11 +436,23 @@ class DeepSpeedStrategy(Strategy):
         """Every file is first read with weights_only=True (allowing DeepSpeed's own loss-scaler and ZeRO
         stage classes, which its optimizer state holds): only then does the engine, which unpickles
         without that restriction, load them."""
-        from dist_train.checkpoint import TRAINER, safe_load
+        from dist_train.checkpoint import TRAINER, UnsafeCheckpoint, safe_load
 
-        for f in sorted(folder.glob("*.pt")):
-            if f.name != TRAINER:
+        # Each rank reads its share of the files (every world-th); all learn whether any was refused.
+        refused: Optional[BaseException] = None
+        for f in sorted(p for p in folder.glob("*.pt") if p.name != TRAINER)[self.dist.rank::self.dist.world_size]:
+            try:
                 safe_load(f, allow=_deepspeed_safe_globals())
+            except UnsafeCheckpoint as e:
+                refused = e
+                break
+        if self.dist.any(refused is not None):
+            if refused is not None:
+                raise refused
+            err = UnsafeCheckpoint(f"refusing to load '{folder}': another rank found a file that needs arbitrary "
+                                   "pickle")
+            err.scope = "main"
+            raise err
         state = safe_load(folder / TRAINER)
         path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
