@@ -253,10 +253,14 @@ def entry() -> None:
     AsyncBroadcastWork in the backtrace): 4 of 12 runs that failed right after
     the engine's parameter broadcast, 0 of 12 with this exit. Sinks, the run
     directory and the process group are closed before main() returns, so
-    skipping the shutdown loses nothing of dist_train's.
+    skipping the shutdown loses nothing of dist_train's. The same abort was seen once
+    in a plain 2-rank DDP `verify` on a loaded machine (rank 1, -6, "terminate called
+    without an active exception"), so every rank of a multi-process run ends this way.
     """
     code = main()
-    if "deepspeed" in sys.modules:
+    from dist_train.distributed import world_size_from_env
+
+    if "deepspeed" in sys.modules or world_size_from_env() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
