@@ -14,12 +14,15 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Optional, Sequence
 
 from dist_train.errors import DistTrainError, TrainingError, UsageError, describe, is_out_of_memory, signal_name
 
-INJECTIONS = ("unsynced-grads",)  # faults `verify --inject` can plant (dist_train.verify)
+INJECTIONS = ("unsynced-grads",)
+#: Seconds a rank whose error another rank reports waits before it exits.
+QUIET_RANK_EXIT_DELAY_S = 2.0  # faults `verify --inject` can plant (dist_train.verify)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -237,6 +240,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         if _printed_here(err):
             _say(f"dist-train: {err.label}: {' '.join(str(err).split())}")
+        else:
+            # Another rank reports this one. A launcher that sees this rank exit first stops the others
+            # (SIGTERM), which could cut that report off: leave it time to be printed.
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
         return err.exit_code
 
 
