@@ -340,7 +340,7 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Pro
         raise
 
 
-def startup_summary(s: Setup, out: Outputs) -> list[str]:
+def startup_summary(s: Setup, out: Outputs, resumed: bool = False) -> list[str]:
     cfg, d = s.cfg, s.dist
     n_params = s.strategy.num_parameters(s.model)
     world = (f"{d.world_size} processes ({d.launcher}, backend {d.backend})" if d.distributed
@@ -357,7 +357,10 @@ def startup_summary(s: Setup, out: Outputs) -> list[str]:
     if out.wandb is None:
         lines.append("dist-train: W&B disabled")
     elif out.wandb.sync_dir is not None:
-        lines.append(f"dist-train: W&B offline; upload later with: wandb sync {out.wandb.sync_dir}")
+        sync = out.wandb.sync_dir
+        if resumed:  # every part of the run: one offline folder per start, all of the same run id
+            sync = sync.parent / f"offline-run-*-{out.wandb.run_id}"
+        lines.append(f"dist-train: W&B offline; upload later with: wandb sync {sync}")
     else:
         lines.append(f"dist-train: W&B online: {out.wandb.url}")
     return lines
@@ -487,7 +490,7 @@ def train(
         start.wandb_id = out.wandb.run_id
     progress = ProgressReporter(cfg.logging.progress, cfg.train.max_steps, enabled=dist.is_main, start=start.step)
     if out is not None:
-        for line in startup_summary(s, out):
+        for line in startup_summary(s, out, resumed is not None):
             progress.message(line)
         if folder is not None:
             progress.message(f"dist-train: resumed from {folder} (step {start.step}); metrics.jsonl continues after it")
