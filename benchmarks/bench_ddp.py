@@ -2,7 +2,7 @@
 
 Two ranks (gloo on CPU, NCCL on GPU) each hold both arms: dist_train's
 train_step on a DDP-wrapped TinyGPT, and a bare DDP loop (forward, backward,
-torch.nn.utils.clip_grad_norm_, step, zero_grad) on a copy of the same model,
+torch.nn.utils.clip_grad_norm_(foreach=True), fused AdamW step, zero_grad) on a copy of the same model,
 fed the same batches. The arms alternate in blocks of steps (order flipped
 every round) so machine noise hits both; rank 0 prints the median step time of
 each and their ratio.
@@ -55,7 +55,7 @@ def _worker(rank: int, args, port: int) -> None:
 
     def arm(kind):
         model = DDP(copy.deepcopy(base), device_ids=[rank] if cuda else None)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         policy, i = FixedClip(MAX_NORM), [0]
         sync = DDPStrategy(None, device, Amp())
 
@@ -65,7 +65,7 @@ def _worker(rank: int, args, port: int) -> None:
 
         def bare():
             lm_loss(model, batches[i[0] % 32]).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
             i[0] += 1

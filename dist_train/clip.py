@@ -2,10 +2,14 @@
 
 A policy sees only the raw (pre-clip, global, unscaled) gradient norm and its
 own state, and returns a threshold. It holds no model tensors. The training
-step calls `threshold(raw)` every step and `observe(raw)` only on steps whose
-raw norm is finite, so a NaN/Inf never enters a policy's history (the bug that
-poisons adaptive clippers). `threshold` may return +inf ("do not clip"), which
-lets a future adaptive policy warm up on a history before it clips.
+step calls `threshold(raw)` and then `observe(raw, taken)` every step, with no
+host read in between: a stateful policy keeps its state as tensors on the
+device and updates it masked by `taken` (False when the norm was NaN/Inf and
+the step was skipped), e.g. `torch.where(taken, new, old)`, so a NaN/Inf never
+enters a policy's history (the bug that poisons adaptive clippers) and the step
+never waits for the host. State is read on the host only for logging and
+checkpoints (`state_dict`). `threshold` may return +inf ("do not clip"), which
+lets an adaptive policy warm up on a history before it clips.
 
 Where an engine clips inside its own step (DeepSpeed), the threshold must be
 known before this step's norm exists: only policies whose threshold depends on
@@ -45,8 +49,9 @@ class ClipPolicy:
         tensor, so a configured value reaches an engine exactly)."""
         raise NotImplementedError(f"clip policy '{self.name}' needs the current step's norm")
 
-    def observe(self, raw: torch.Tensor) -> None:
-        """Record a finite raw norm of a step that was taken."""
+    def observe(self, raw: torch.Tensor, taken: torch.Tensor) -> None:
+        """Record this step's raw norm where `taken` (a 0-dim bool on the device) is True; leave the state
+        exactly as it was where it is False. No host reads: `raw` may be NaN here, masked out by `taken`."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

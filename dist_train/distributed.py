@@ -343,7 +343,7 @@ class StopVote:
             work, flag = self._pending
             self._pending = None
             work.wait()
-            if flag.item():  # a CPU tensor: no device sync
+            if flag.numpy()[0]:  # a host tensor (the vote runs on the CPU group): no device read
                 return True
         flag = torch.tensor([int(local)], dtype=torch.int32)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)

@@ -40,8 +40,7 @@ class Window:
     def add(self, m: StepMetrics, samples: int) -> None:
         self.steps += 1
         self.samples += samples
-        if not m.skipped:
-            self.clipped += m.clip_coef < 1
+        self.clipped += (m.clip_coef < 1) & ~m.skipped  # a skipped step is not a clipped one
 
 
 def _num(x: Any) -> Optional[float]:

@@ -67,11 +67,14 @@ class ProgressReporter:
         done = step - self.start
         return elapsed / done * (self.total - step) if done > 0 else float("nan")
 
-    def step(self, record: Optional[dict[str, Any]]) -> None:
+    def step(self, record: Optional[dict[str, Any]], advance: bool = True) -> None:
+        """One optimizer step done, with its log record if it was logged. `advance=False`: only show a
+        record of an earlier step (a skipped step the host learned of one step late)."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(1)
+            if advance:
+                self.bar.update(1)
             if record is not None:
                 self.bar.set_postfix_str(summary(record, SHOWN_ON_BAR), refresh=False)
         elif record is not None:

@@ -2,12 +2,21 @@
 
     micro-batches (forward, backward; no gradient sync until the last one)
     -> gradients averaged across ranks
-    -> unscale (fp16 GradScaler)
-    -> global L2 norm of all gradients            (grad_norm_raw)
-    -> clip policy decides a threshold
-    -> scale all gradients by min(1, threshold / (raw + eps))
-    -> optimizer step, or skip it when raw is NaN/Inf
+    -> global L2 norm of all gradients, unscaled   (grad_norm_raw; one read of the gradients)
+    -> clip policy decides a threshold              (from its state on the device)
+    -> coef = min(1, threshold / (raw + eps))
+    -> optimizer step: gradients divided by loss_scale / coef inside the optimizer's own pass;
+       no update at all when raw is NaN/Inf (decided on the device)
     -> zero gradients
+
+With a fused optimizer (torch's AdamW/Adam/SGD with fused=True, which the trainer
+builds) nothing in the step reads a value back to the host: the skip decision is
+the optimizer's `found_inf` tensor, the fp16 unscale and the clip coefficient are
+its `grad_scale` tensor, the fp16 scale update and the policy's state update are
+device ops masked by finiteness. The gradients are read once for the norm and
+once by the optimizer, and never scaled in a pass of their own. An optimizer
+without that support (`folds_clipping` False) takes the explicit path: unscale,
+scale by coef, and one host read to decide whether to step.
 
 Where an engine owns everything after the backward (DeepSpeed), the policy's
 threshold is handed to it before its step, and the engine reports this step's
@@ -31,7 +40,7 @@ import torch.nn.functional as F
 from dist_train.clip import ClipPolicy, clip_coefficient, scale_grads_
 from dist_train.strategies.base import Amp, Strategy
 
-__all__ = ["Amp", "Strategy", "StepMetrics", "lm_loss", "train_step"]
+__all__ = ["Amp", "Strategy", "StepMetrics", "folds_clipping", "lm_loss", "train_step"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -58,10 +67,17 @@ class StepMetrics:
     """min(1, threshold / (raw + eps)); 1 means not clipped."""
     threshold: torch.Tensor
     """The policy's threshold for this step (inf: the policy does not clip)."""
-    skipped: bool
-    """True when raw was NaN/Inf and the optimizer step was skipped."""
+    skipped: torch.Tensor
+    """0-dim bool: True when raw was NaN/Inf (or `halt` was set) and the optimizer step was skipped."""
     loss_scale: Optional[torch.Tensor] = None
     """fp16 GradScaler scale used for this step's backward (None without a scaler)."""
+
+
+def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` reads `grad_scale` and `found_inf` tensors (torch's fused optimizers, the
+    hooks GradScaler uses): it then divides each gradient by grad_scale as it reads it, and makes no update
+    at all, step counts included, where found_inf is 1, without a host read."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 def train_step(
@@ -74,14 +90,18 @@ def train_step(
     strategy: Optional[Strategy] = None,
     eps: float = 1e-6,
     params: Optional[Iterable[torch.nn.Parameter]] = None,
+    halt: Optional[torch.Tensor] = None,
 ) -> StepMetrics:
-    """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+
+    `halt` (a 0-dim bool on the device) skips the update whatever the norm: the trainer sets it once
+    too many steps in a row were non-finite, so a step run before the host learns of that changes nothing.
+    """
     n_micro = len(micro_batches)
     if n_micro == 0:
         raise ValueError("train_step needs at least one micro-batch")
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     strategy = strategy or Strategy()
-    scaler = strategy.scaler
 
     loss_sum = None
     for i, batch in enumerate(micro_batches):
@@ -101,37 +121,20 @@ def train_step(
         # The engine reduces, unscales, clips and updates; the threshold comes from past norms only.
         threshold = policy.next_threshold(loss_sum.device)
         raw, clipped, skipped = strategy.engine_step(threshold)
-        if not skipped:
-            policy.observe(raw)
+        taken = torch.tensor(not skipped, device=raw.device)
+        policy.observe(raw, taken)
         # Derived from the engine's arithmetic (it reports neither): min(raw, threshold), up to its eps.
         coef = torch.where(raw == 0, torch.ones_like(raw), clipped / raw)
         return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=clipped,
-                           clip_coef=coef, threshold=threshold.float(), skipped=skipped, loss_scale=loss_scale)
+                           clip_coef=coef, threshold=threshold.float(), skipped=~taken, loss_scale=loss_scale)
 
     grads = [p.grad for p in params if p.grad is not None]
     strategy.average_grads(grads)
 
-    # The norm must be taken on true gradients: unscale fp16 gradients first.
-    strategy.unscale_(optimizer)
-
-    # The whole model's norm: over every shard where gradients are sharded.
-    raw = strategy.global_norm(grads)
-    threshold = policy.threshold(raw)
-    coef = clip_coefficient(raw, threshold, eps)
-    if policy.clips:
-        scale_grads_(grads, coef)
-
-    # The one host sync of the step: whether to update at all. A NaN/Inf norm must
-    # leave parameters, optimizer moments and the policy's history untouched.
-    skipped = not bool(torch.isfinite(raw))
-    if not skipped:
-        # Not scaler.step(): it would read the same answer back from the device a
-        # second time (its found_inf). A finite raw norm means every gradient is
-        # finite, which is exactly its condition for stepping.
-        optimizer.step()
-        policy.observe(raw)
-    if scaler is not None:
-        scaler.update()  # reads unscale_'s found_inf: lowers the scale after an overflow
+    if folds_clipping(optimizer):
+        raw, coef, threshold, skipped = _fused_step(optimizer, grads, policy, strategy, loss_scale, eps, halt)
+    else:
+        raw, coef, threshold, skipped = _explicit_step(optimizer, grads, policy, strategy, eps, halt)
     optimizer.zero_grad(set_to_none=True)
 
     return StepMetrics(
@@ -143,3 +146,71 @@ def train_step(
         skipped=skipped,
         loss_scale=loss_scale,
     )
+
+
+def _fused_step(optimizer, grads, policy, strategy, loss_scale, eps, halt):
+    """The step with no host read: the optimizer unscales and clips inside its own pass."""
+    # One read of the gradients: the norm of the still-scaled fp16 gradients, divided by the scale.
+    raw = unscaled_norm(strategy.global_norm(grads), loss_scale)
+    threshold = policy.threshold(raw)
+    coef = clip_coefficient(raw, threshold, eps)
+    finite = torch.isfinite(raw)
+    take = finite if halt is None else finite & ~halt
+    found_inf = (~take).float()  # 1: the optimizer leaves parameters, moments and step counts as they are
+    # Each gradient is divided by grad_scale where the optimizer reads it. When nothing is clipped (coef 1)
+    # and there is no loss scale, that is a division by exactly 1; an fp16 scale alone is a power of two.
+    if loss_scale is not None:
+        grad_scale = loss_scale.to(raw.device).float() / coef
+    elif policy.clips:
+        grad_scale = coef.reciprocal()
+    else:
+        grad_scale = None
+    optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    policy.observe(raw, take)
+    scaler = strategy.scaler
+    if scaler is not None:
+        update_scale(scaler, optimizer, (~finite).float())
+    return raw, coef, threshold, ~take
+
+
+def unscaled_norm(norm: torch.Tensor, loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The raw norm from the norm of the gradients as the backward left them: divided by the fp16 loss
+    scale, if any. GradScaler's scale is a power of two, so this equals the norm of the unscaled gradients
+    bit for bit (short of fp32 underflow)."""
+    return norm if loss_scale is None else norm / loss_scale.to(norm.device)
+
+
+def _explicit_step(optimizer, grads, policy, strategy, eps, halt):
+    """The step for an optimizer that cannot take grad_scale/found_inf: separate passes, one host read."""
+    strategy.unscale_(optimizer)  # the norm must be taken on true gradients
+    raw = strategy.global_norm(grads)
+    threshold = policy.threshold(raw)
+    coef = clip_coefficient(raw, threshold, eps)
+    if policy.clips:
+        scale_grads_(grads, coef)
+    finite = torch.isfinite(raw)
+    take = finite if halt is None else finite & ~halt
+    # The host read of this path: whether to update at all. A NaN/Inf norm must leave parameters,
+    # optimizer moments and the policy's history untouched.
+    if bool(take):
+        # Not scaler.step(): it would read the same answer back from the device a second time (its
+        # found_inf). A finite raw norm means every gradient is finite, its condition for stepping.
+        optimizer.step()
+    policy.observe(raw, take)
+    if strategy.scaler is not None:
+        strategy.scaler.update()  # reads unscale_'s found_inf: lowers the scale after an overflow
+    return raw, coef, threshold, ~take
+
+
+def update_scale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """GradScaler.update() for a step that did not go through scaler.unscale_ (the fused optimizer unscaled
+    in its own pass): this step's overflow flag is recorded as unscale_ would have, then the usual update
+    halves the scale after an overflow or grows it after a run of clean steps, on the device."""
+    if not scaler.is_enabled():
+        return
+    scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {found_inf.device: found_inf}
+    scaler.update()

@@ -101,8 +101,13 @@ def build(
         check_model_output(model, cfg.model, dataset.vocab_size, device)
     strategy = strategies.create(plan, dist, device, cfg)
     o = cfg.optim
+    # Fused AdamW (CPU and CUDA): one kernel per parameter group that also takes the clip coefficient, the
+    # fp16 unscale and the skip decision as device tensors, so the step needs no host read (dist_train.step).
+    # DeepSpeed's engine drives the optimizer itself and keeps torch's default implementation.
+    fused = strategy.fused_optimizer
     model, optimizer = strategy.setup(
-        model, lambda params: torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        model, lambda params: torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2),
+                                                weight_decay=o.weight_decay, fused=fused or None)
     )
     torch.manual_seed(t.seed + dist.rank)  # per-rank randomness (dropout) from here on
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, t.max_steps))
@@ -125,20 +130,77 @@ def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
     """This rank's micro-batches of optimizer step `step` (0-based), on the device."""
     idx = s.batches.indices(step)
     parts = split_for_rank(idx, s.dist.rank, s.dist.world_size, s.cfg.train.grad_accum_steps)
+    pin = s.device.type == "cuda"  # page-locked host memory: the copies run asynchronously
     out = []
     for p in parts:
         x, y = s.dataset.get(p)
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
         out.append((x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)))
     return out
 
 
-def optimizer_step(s: Setup, step: int) -> StepMetrics:
+def optimizer_step(s: Setup, step: int, halt: Optional[torch.Tensor] = None) -> StepMetrics:
     """Optimizer step `step` (0-based) of a built setup: the training step, then the LR schedule."""
     m = train_step(
-        s.model, s.optimizer, micro_batches(s, step), s.policy, strategy=s.strategy, eps=s.cfg.clip.eps
+        s.model, s.optimizer, micro_batches(s, step), s.policy, strategy=s.strategy, eps=s.cfg.clip.eps, halt=halt
     )
     s.scheduler.step()
     return m
+
+
+class SkipCounter:
+    """Skipped (non-finite) optimizer steps, counted on the device: the total and the number in a row.
+
+    The host learns them without stalling the device. After each step a copy of the counts goes to one of
+    two host buffers (page-locked on CUDA, non-blocking); the next step, once its own work is queued, reads
+    the previous step's buffer (on CUDA after that copy's event, i.e. once the previous step has finished,
+    while the device works on the current one). Logged steps read the counts exactly (`exact`).
+
+    `halt` is a device flag, True once `limit` steps in a row were skipped: passed to the next step, it
+    makes that step update nothing, so learning of the limit one step late changes nothing.
+    """
+
+    def __init__(self, device: torch.device, total: int, consecutive: int, limit: int):
+        self.device = device
+        self.limit = limit
+        self.counts = torch.tensor([total, consecutive], dtype=torch.int64, device=device)
+        self.halt = self.counts[1] >= limit
+        cuda = device.type == "cuda"
+        self._host = [torch.tensor([total, consecutive], dtype=torch.int64).pin_memory() if cuda else
+                      torch.tensor([total, consecutive], dtype=torch.int64) for _ in range(2)]
+        self._events: list[Optional[Any]] = [None, None]
+        self._last = 0  # the buffer of the latest step
+        self._steps = 0
+
+    def add(self, skipped: torch.Tensor) -> None:
+        """Count one step (`skipped`: its 0-dim bool); no host read."""
+        s = skipped.to(torch.int64)
+        self.counts = torch.stack([self.counts[0] + s, (self.counts[1] + s) * s])
+        self.halt = self.counts[1] >= self.limit
+        self._last ^= 1
+        self._host[self._last].copy_(self.counts, non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._events[self._last] = event
+        self._steps += 1
+
+    def previous(self) -> Optional[tuple[int, int]]:
+        """(total, in a row) as of the step before the latest one; None before the second step counted."""
+        if self._steps < 2:
+            return None
+        k = self._last ^ 1
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # that step's copy has landed; the latest step may still run
+        # A host buffer read through numpy: no device read (on a CPU, none that a sync counter would see).
+        total, consecutive = self._host[k].numpy().tolist()
+        return total, consecutive
+
+    def exact(self) -> tuple[int, int]:
+        """(total, in a row) as of the latest step: a host sync (logged steps, checkpoints)."""
+        total, consecutive = self.counts.tolist()
+        return total, consecutive
 
 
 @dataclass
@@ -376,61 +438,88 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
         start: Optional[Progress] = None, checkpoint: Optional[Callable[[Progress], None]] = None) -> Outcome:
     """The loop, from `start` (a resumed run's progress) to train.max_steps. Stops early, after a complete
     optimizer step, when a stop signal was received. `checkpoint` is called on every rank after every
-    train.checkpoint_every steps (the trainer writes the last one itself)."""
+    train.checkpoint_every steps (the trainer writes the last one itself).
+
+    A step that is not logged reads nothing back from the device. Logged steps are those of
+    logging.every, the last one, the one a stop signal ends on, and every skipped step: the host learns of
+    a skip one step late (`SkipCounter`) and then logs the skipped step's own row, in order. The run stops
+    when clip.max_consecutive_nonfinite steps in a row were skipped: at that step when it is logged
+    anyway, otherwise one step later, and that later step updates nothing (it is halted on the device).
+    """
     cfg = s.cfg
     t = cfg.train
     window = Window(s.device)
     vote = s.dist.stop_vote()
     p = dataclasses.replace(start) if start is not None else Progress()
     out = Outcome(progress=p)
-    s.model.train()
-    for step in range(p.step, t.max_steps):
-        lr = s.optimizer.param_groups[0]["lr"]
-        m = optimizer_step(s, step)
-        window.add(m, t.global_batch_size)
-        if m.skipped:
-            p.skipped_total += 1
-            p.consecutive += 1
-        else:
-            p.consecutive = 0
-        n = p.step = step + 1
-        # Every rank learns the same answer at the same step, so the last step is logged by all.
-        stop_now = vote.poll(stop is not None and stop.requested) and n < t.max_steps
+    skips = SkipCounter(s.device, p.skipped_total, p.consecutive, cfg.clip.max_consecutive_nonfinite)
+    known_total = p.skipped_total  # the skips the host has reported
+    prev: Optional[tuple[int, StepMetrics, float, bool]] = None  # (step, metrics, lr, logged) of the last step
+
+    def log_row(n: int, m: StepMetrics, lr: float, total: int, consecutive: int, advance: bool) -> None:
         record = None
-        if n % cfg.logging.every == 0 or n == t.max_steps or m.skipped or stop_now:
-            loss = s.dist.mean(m.loss)  # collective: every rank takes part
-            if s.dist.is_main:
-                record = make_record(
-                    step=n,
-                    loss=loss,
-                    m=m,
-                    window=window,
-                    lr=lr,
-                    skipped_total=p.skipped_total,
-                    tokens_per_sample=cfg.model.block_size,
-                )
-                for sink in sinks:
-                    sink.log(record)
-            window.reset()
-        if m.skipped:
-            progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({p.consecutive} in a row)")
-        progress.step(record)
-        if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
-            check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
-        if p.consecutive >= cfg.clip.max_consecutive_nonfinite:
+        loss = s.dist.mean(m.loss)  # collective: every rank takes part
+        if s.dist.is_main:
+            record = make_record(step=n, loss=loss, m=m, window=window, lr=lr, skipped_total=total,
+                                 tokens_per_sample=cfg.model.block_size)
+            for sink in sinks:
+                sink.log(record)
+        window.reset()
+        if record is not None and record["optim/step_skipped"]:
+            progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
+        progress.step(record, advance=advance)
+
+    def check_limit(n: int, consecutive: int) -> None:
+        if consecutive >= cfg.clip.max_consecutive_nonfinite:
             hint = "lower optim.lr or clip.max_norm, or check the data around these steps"
             if s.plan.precision == C.Precision.fp16:
                 hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
             raise TrainingError(
-                f"training stopped at step {n}: {p.consecutive} consecutive optimizer steps had a non-finite "
+                f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
                 f"gradient norm (clip.max_consecutive_nonfinite={cfg.clip.max_consecutive_nonfinite}); {hint}"
             )
+
+    s.model.train()
+    for step in range(p.step, t.max_steps):
+        lr = s.optimizer.param_groups[0]["lr"]
+        m = optimizer_step(s, step, halt=skips.halt)
+        skips.add(m.skipped)
+        n = p.step = step + 1
+        late = skips.previous()  # the counts after step n - 1, without waiting for step n
+        if late is not None and prev is not None and not prev[3]:
+            total, consecutive = late
+            if total > known_total:  # step n - 1 was skipped: its own row, before step n's
+                known_total = total
+                log_row(prev[0], prev[1], prev[2], total, consecutive, advance=False)
+            check_limit(prev[0], consecutive)
+        window.add(m, t.global_batch_size)
+        # Every rank learns the same answer at the same step, so the last step is logged by all.
+        stop_now = vote.poll(stop is not None and stop.requested) and n < t.max_steps
+        logged = n % cfg.logging.every == 0 or n == t.max_steps or stop_now
+        if logged:
+            total, consecutive = skips.exact()
+            known_total = total
+            log_row(n, m, lr, total, consecutive, advance=True)
+        else:
+            progress.step(None)
+        prev = (n, m, lr, logged)
+        if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
+            check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
+        if logged:
+            check_limit(n, consecutive)
         if stop_now:
             out.stopped_by = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
             break
         if checkpoint is not None and t.checkpoint_every and n % t.checkpoint_every == 0 and n < t.max_steps:
+            p.skipped_total, p.consecutive = skips.exact()
+            if p.skipped_total > known_total:  # step n was skipped: its row goes out before its checkpoint
+                known_total = p.skipped_total
+                log_row(n, m, lr, p.skipped_total, p.consecutive, advance=False)
+                prev = (n, m, lr, True)
+                check_limit(n, p.consecutive)
             checkpoint(p)
     vote.close()
+    p.skipped_total, p.consecutive = skips.exact()
     return out
 
 

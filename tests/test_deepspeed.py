@@ -50,8 +50,9 @@ class StepClip(FixedClip):
     def next_threshold(self, device):
         return torch.full((), 1e-9 if self.steps % 2 else 1e6, dtype=torch.float64, device=device)
 
-    def observe(self, raw):
-        self.steps += 1
+    def observe(self, raw, taken):
+        if taken:
+            self.steps += 1
 
 
 def _tiny_clip_update(s) -> float:

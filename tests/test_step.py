@@ -191,8 +191,9 @@ class RecordingPolicy(FixedClip):
         super().__init__(max_norm)
         self.seen: list[float] = []
 
-    def observe(self, raw):
-        self.seen.append(float(raw))
+    def observe(self, raw, taken):
+        if taken:
+            self.seen.append(float(raw))
 
 
 def _snapshot(model, opt):

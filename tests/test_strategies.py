@@ -8,6 +8,7 @@ Accelerator sets up MULTI_CPU). End-to-end checks run the launch scripts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -215,9 +216,8 @@ def _accelerate_worker(precision: str):
             return out
         out["clean"] = _run(build(_cfg(1), state, CPU))
         if precision == "fp16":
-            s = build(_cfg(1), state, CPU)
-            _norm_before_unscale(s)  # negative control
-            out["no_unscale"] = _run(s, 1)
+            with _norm_before_unscale():  # negative control
+                out["no_unscale"] = _run(build(_cfg(1), state, CPU), 1)
             s = build(_cfg(1, "model.factory=tests.helpers:overflow_gpt"), state, CPU)
             policy = s.policy = RecordingClip(0.3)
             before = [], []
@@ -231,18 +231,18 @@ def _accelerate_worker(precision: str):
         return out
 
 
-def _norm_before_unscale(s) -> None:
-    """The bug: take the norm of the still-scaled fp16 gradients (unscale only afterwards)."""
-    from dist_train.strategies.base import global_norm
+@contextlib.contextmanager
+def _norm_before_unscale():
+    """The bug: take the norm of the still-scaled fp16 gradients as the raw norm (the fused step's norm not
+    divided by the loss scale)."""
+    import dist_train.step as step
 
-    unscale, scaled_norm = s.strategy.unscale_, []
-
-    def norm_then_unscale(optimizer):
-        scaled_norm[:] = [global_norm([p.grad for p in s.model.parameters() if p.grad is not None])]
-        unscale(optimizer)
-
-    s.strategy.unscale_ = norm_then_unscale
-    s.strategy.global_norm = lambda grads: scaled_norm[0]
+    original = step.unscaled_norm
+    step.unscaled_norm = lambda norm, loss_scale: norm
+    try:
+        yield
+    finally:
+        step.unscaled_norm = original
 
 
 class RecordingClip(FixedClip):
@@ -252,8 +252,9 @@ class RecordingClip(FixedClip):
         super().__init__(max_norm)
         self.seen: list[float] = []
 
-    def observe(self, raw):
-        self.seen.append(raw.item())
+    def observe(self, raw, taken):
+        if taken:
+            self.seen.append(raw.item())
 
 
 def test_accelerate_no_sync_gives_one_gradient_reduction_per_optimizer_step():

@@ -8,8 +8,10 @@ The package keeps the step and its guarantees:
   scheduler is not prepared either (a prepared one steps once per process);
 - non-final micro-batches run under `accelerator.no_sync`, so one gradient
   reduction per optimizer step;
-- `accelerator.backward` scales the loss; `accelerator.unscale_gradients()` runs
-  before the norm;
+- `accelerator.backward` scales the loss; the norm is divided by Accelerate's
+  scale and the fused optimizer unscales as it reads the gradients (the step's
+  explicit path, for an optimizer without that, calls
+  `accelerator.unscale_gradients()` before the norm);
 - the norm is the package's (raw and clipped, DTensor-aware), not
   `accelerator.clip_grad_norm_`, which returns one number;
 - data are the package's step-addressed global batches; no dataloader is prepared.

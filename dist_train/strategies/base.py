@@ -7,7 +7,9 @@
     autocast        context for the forward pass (mixed precision)
     backward        backward of the loss (scaled by the fp16 scaler, if any)
     average_grads   after the last backward: gradients become the mean over ranks
-    unscale_        divide fp16 gradients by the loss scale, before the norm
+    loss_scale      the fp16 loss scale this step's backward used, as a device tensor
+    unscale_        divide fp16 gradients by the loss scale, before the norm (only on the explicit
+                    path: a fused optimizer unscales inside its own pass)
     global_norm     the L2 norm of the whole model's gradients, over every shard
 
 A strategy whose engine reduces, unscales, clips and updates inside its own
@@ -44,6 +46,9 @@ class Strategy:
     replicated = True
     #: True when an engine does everything after the last backward (`engine_step`).
     engine_steps = False
+    #: True: the trainer builds torch's fused AdamW, which folds the clip coefficient, the fp16 unscale and
+    #: the skip decision into its own pass (dist_train.step). False where an engine drives the optimizer.
+    fused_optimizer = True
 
     def __init__(self, amp: Optional[Amp] = None):
         self.amp = amp or Amp()

@@ -296,6 +296,7 @@ class DeepSpeedStrategy(Strategy):
     """`deepspeed.initialize` around the model and dist_train's AdamW; see the module's docstring."""
 
     engine_steps = True
+    fused_optimizer = False  # the engine drives torch's default AdamW itself
 
     def __init__(self, dist, device: torch.device, cfg: Config):
         super().__init__()
