@@ -112,11 +112,12 @@ def _count_loop(strategy: str, precision: str, steps: int, every: int) -> dict[i
     return dict(counter.by_step)
 
 
-def _assert_logged_steps_only(by_step: dict[int, int], steps: int, every: int) -> None:
+def _assert_logged_steps_only(by_step: dict[int, int], steps: int, every: int, writes_rows: bool = True) -> None:
     logged = {n for n in range(1, steps + 1) if n % every == 0 or n == steps}
     syncs = {n: c for n, c in by_step.items() if n not in logged and c}
     assert syncs == {}, f"host reads on steps that are not logged: {syncs}"
-    assert all(by_step.get(n, 0) > 0 for n in logged), by_step  # the counter does see the logged steps' reads
+    if writes_rows:  # rank 0: the counter does see the reads of the rows it writes
+        assert all(by_step.get(n, 0) > 0 for n in logged), by_step
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
@@ -126,8 +127,8 @@ def test_single_process_loop_syncs_only_on_logged_steps(precision):
 
 @pytest.mark.parametrize("strategy, precision", [("ddp", "no"), ("ddp", "fp16"), ("fsdp", "no"), ("fsdp", "fp16")])
 def test_distributed_loop_syncs_only_on_logged_steps(strategy, precision):
-    for by_step in spawn(_count_loop, 2, strategy, precision, 7, 3):
-        _assert_logged_steps_only(by_step, 7, 3)
+    for rank, by_step in enumerate(spawn(_count_loop, 2, strategy, precision, 7, 3)):
+        _assert_logged_steps_only(by_step, 7, 3, writes_rows=rank == 0)
 
 
 def _cuda_loop_under_sync_debug(strategy: str, precision: str, steps: int, every: int) -> None:
@@ -247,25 +248,55 @@ def test_folded_clipping_bound_catches_a_missing_clip():
 
 
 # ---- non-finite steps, on the device -------------------------------------------------------------------
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_planted_nan_changes_nothing_without_a_host_read(precision):
+class MeanNormClip(FixedClip):
+    """A stateful policy as the interface asks for one: tensors on the device, updated masked by `taken`
+    (the running sum and count of the raw norms it observed)."""
+
+    def __init__(self, max_norm, masked=True):
+        super().__init__(max_norm)
+        self.masked = masked
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    def observe(self, raw, taken):
+        take = taken if self.masked else torch.ones_like(taken)  # unmasked: the bug
+        self.total = torch.where(take, self.total + raw.double(), self.total)
+        self.count = self.count + take.long()
+
+
+def _nan_at_step_3(precision, policy):
     model = ScaleAt(random_mlp_lm(16, seed=1), {2})
     opt = fused_adamw(model.parameters())
     amp = _fp16_amp(2.0**10) if precision == "fp16" else None
     strategy = Strategy(amp) if amp else Strategy()
     for i in range(2):
-        assert not train_step(model, opt, [batch(4, seed=i)], FixedClip(1.0), strategy=strategy).skipped
+        assert not train_step(model, opt, [batch(4, seed=i)], policy, strategy=strategy).skipped
     before = _snapshot(model, opt)  # parameters, moments and step counts
+    state = (policy.total.clone(), policy.count.clone())
     scale = amp.scaler.get_scale() if amp else None
     counter = SyncCounter()
     with counter:
-        m = train_step(model, opt, [batch(4, seed=2)], FixedClip(1.0), strategy=strategy)
+        m = train_step(model, opt, [batch(4, seed=2)], policy, strategy=strategy)
     assert sum(counter.by_step.values()) == 0
     assert m.skipped and torch.isnan(m.grad_norm_raw)
     _assert_state_equal(_snapshot(model, opt), before)
     if amp:
         assert amp.scaler.get_scale() == scale / 2  # the overflow lowered the scale, on the device
-    assert not train_step(model, opt, [batch(4, seed=3)], FixedClip(1.0), strategy=strategy).skipped
+    assert not train_step(model, opt, [batch(4, seed=3)], policy, strategy=strategy).skipped
+    return state, (policy.total, policy.count)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_planted_nan_changes_nothing_without_a_host_read(precision):
+    (total, count), (total_after, count_after) = _nan_at_step_3(precision, MeanNormClip(1.0))
+    # The policy's state saw steps 1, 2 and 4; the NaN of step 3 never entered it.
+    assert count == 2 and count_after == 3 and torch.isfinite(total_after) and total_after > total
+
+
+def test_planted_nan_check_catches_an_unmasked_policy_update():
+    """Negative control: a policy that ignores `taken` takes the NaN in, and the same check fails."""
+    _, (total_after, count_after) = _nan_at_step_3("fp32", MeanNormClip(1.0, masked=False))
+    assert count_after == 4 and not torch.isfinite(total_after)
 
 
 def test_run_stops_at_most_one_step_late_and_that_step_changes_nothing(monkeypatch):
