@@ -1,4 +1,4 @@
-"""Command line: `dist-train train|verify|plot` (also `python -m dist_train`).
+"""Command line: `dist-train train|verify|plot|prepare` (also `python -m dist_train`).
 
 This is the one error boundary: every failure ends here as one line on stderr
 and an exit code (2 bad input, 1 a failed run, 128 + signal a stopped run, 130
@@ -53,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="plot loss and raw vs clipped grad norm of a run")
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/plot.png)")
+
+    pr = sub.add_parser(
+        "prepare", help="turn UTF-8 text (a file or a folder) into a token file for data.token_file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Character-level token file from UTF-8 text, for data.token_file=OUT.\n\n"
+        "Writes OUT (raw little-endian token ids, no header: uint16 when the text has at most 65536 distinct\n"
+        "characters, else uint32; nanoGPT's format) and its sidecar, OUT with the suffix .json (dtype, vocab_size,\n"
+        "num_tokens, and vocab: the character of each id). The vocabulary is the distinct characters sorted by\n"
+        "code point and line ends are read as text (CRLF and CR become LF), as data.text_file reads a file, so\n"
+        "the ids are the ones data.text_file would train on. A folder's files are taken recursively, in sorted\n"
+        "order of their paths, and concatenated as they are; names starting with '.' are skipped. The text is\n"
+        "streamed (progress on stderr); both files appear only once complete.",
+    )
+    pr.add_argument("input", help="a UTF-8 text file, or a folder of them")
+    pr.add_argument("out", help="the token file to write, e.g. data/tokens.bin (its folder must exist)")
+    pr.add_argument("--glob", default="*", metavar="PATTERN",
+                    help="with a folder, take only the files whose name matches, e.g. '*.txt' (default: every file)")
+    pr.add_argument("--overwrite", action="store_true", help="replace OUT and its sidecar if they exist")
     return p
 
 
@@ -168,7 +186,16 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "verify": _verify, "plot": _plot}
+def _prepare(args: argparse.Namespace) -> int:
+    from dist_train.prepare import prepare
+
+    done = prepare(args.input, args.out, overwrite=args.overwrite, pattern=args.glob, say=_say)
+    _say(f"dist-train: prepare: wrote {done.num_tokens} tokens ({done.dtype}, {done.vocab_size} distinct characters) "
+         f"to {done.out}, and the vocabulary to {done.sidecar}; train on it with data.token_file={done.out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "verify": _verify, "plot": _plot, "prepare": _prepare}
 
 
 def classify(e: BaseException) -> DistTrainError:

@@ -65,6 +65,11 @@ class StrategyName(str, enum.Enum):
     deepspeed = "deepspeed"
 
 
+class TokenDtype(str, enum.Enum):
+    uint16 = "uint16"
+    uint32 = "uint32"
+
+
 class Schedule(str, enum.Enum):
     constant = "constant"
     cosine = "cosine"
@@ -160,14 +165,27 @@ class ModelConfig:
     dropout: float = 0.0
 
 
+#: The synthetic task's vocabulary when data.vocab_size is not set.
+SYNTHETIC_VOCAB_SIZE = 32
+
+
 @dataclass
 class DataConfig:
     text_file: Optional[str] = None
-    """Character-level training on this UTF-8 file; None: the synthetic task."""
+    """Character-level training on this UTF-8 file, held in memory; None (and no data.token_file): the synthetic
+    task."""
+    token_file: Optional[str] = None
+    """Training on a flat file of token ids (raw little-endian uint16 or uint32, no header: nanoGPT's format),
+    memory-mapped, so its size does not matter. Its sidecar, the same name ending in .json (`dist-train prepare`
+    writes both), gives the dtype and vocabulary; without one, data.token_dtype and data.vocab_size must."""
+    token_dtype: Optional[TokenDtype] = None
+    """Width of the ids of a data.token_file that has no sidecar: uint16 | uint32 (with a sidecar: unset, or the
+    sidecar's)."""
     num_samples: int = 65536
     """Size of the synthetic data set (one epoch)."""
-    vocab_size: int = 32
-    """Vocabulary of the synthetic task."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size: of the synthetic task (unset: 32), or of a data.token_file without a sidecar (required there;
+    every id must be below it). A text file's vocabulary is its characters, a sidecar's its own."""
 
 
 @dataclass
@@ -308,6 +326,9 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    d = cfg.data
+    if d.text_file is None and d.token_file is None and d.vocab_size is None:
+        d.vocab_size = SYNTHETIC_VOCAB_SIZE  # filled in, so that the saved config says what was trained
     validate(cfg)
     return cfg
 
@@ -393,12 +414,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     if m.factory is not None:
         resolve_factory(m.factory)
-    d = cfg.data
-    if d.text_file is not None:
-        _regular_file(d.text_file, "config key 'data.text_file': file")
-    else:
-        _require(d.vocab_size >= 8, "data.vocab_size", f"must be >= 8, got {d.vocab_size}")
-        _require(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    vocab_size = _validate_data(cfg.data, m.block_size)
     import torch
 
     cuda = torch.cuda.is_available()
@@ -413,10 +429,31 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
     _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
     _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
-    _check_fits_in_memory(cfg, on_gpu=cuda and t.device != Device.cpu)
+    _check_fits_in_memory(cfg, vocab_size, on_gpu=cuda and t.device != Device.cpu)
     from dist_train.strategies import resolve
 
     resolve(cfg)  # strategy x precision x launcher: a combination that cannot work fails here
+
+
+def _validate_data(d: DataConfig, block_size: int) -> int:
+    """Check the data.* keys (a token file against its size and sidecar); the vocabulary size, or a bound on it."""
+    _require(d.text_file is None or d.token_file is None, "data.token_file",
+             "data.text_file is set too; pass only one of them")
+    if d.token_file is None:
+        _require(d.token_dtype is None, "data.token_dtype", "is for data.token_file, which is not set; remove it")
+    if d.text_file is not None:
+        _regular_file(d.text_file, "config key 'data.text_file': file")
+        _require(d.vocab_size is None, "data.vocab_size",
+                 "a data.text_file's vocabulary is its distinct characters; remove data.vocab_size")
+        return 256  # unknown until the file is read; a bound for the memory check
+    if d.token_file is not None:
+        from dist_train.data import inspect_token_file
+
+        return inspect_token_file(d, block_size).vocab_size
+    assert d.vocab_size is not None  # load_config fills in the synthetic default
+    _require(d.vocab_size >= 8, "data.vocab_size", f"must be >= 8, got {d.vocab_size}")
+    _require(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    return d.vocab_size
 
 
 def _available_memory(on_gpu: bool) -> Optional[int]:
@@ -445,20 +482,19 @@ def tinygpt_parameters(m: ModelConfig, vocab_size: int) -> int:
     return vocab_size * d + m.block_size * d + m.n_layer * per_block + 2 * d + d * vocab_size
 
 
-def _check_fits_in_memory(cfg: Config, on_gpu: bool) -> None:
+def _check_fits_in_memory(cfg: Config, vocab_size: int, on_gpu: bool) -> None:
     """Refuse sizes that cannot fit at all, before anything is allocated or written.
 
     A sanity bound, not a tight one: the embedded model's weights, gradients and
     two AdamW moments in fp32 (16 bytes a parameter, activations not counted),
-    and the synthetic data set held in memory.
+    and the synthetic data set held in memory (the shuffle stores nothing per sample).
     """
     available = _available_memory(on_gpu)
     if available is None:
         return
     where = "GPU" if on_gpu else "host"
     if cfg.model.factory is None:
-        vocab = cfg.data.vocab_size if cfg.data.text_file is None else 256
-        n = tinygpt_parameters(cfg.model, vocab)
+        n = tinygpt_parameters(cfg.model, vocab_size)
         need = 16 * n
         _require(
             need <= available,
@@ -467,8 +503,8 @@ def _check_fits_in_memory(cfg: Config, on_gpu: bool) -> None:
             f"AdamW state, more than the {available / GiB:.3g} GiB of {where} memory available; use a smaller model "
             "(model.d_model, model.n_layer)",
         )
-    if cfg.data.text_file is None:
-        need = cfg.data.num_samples * (cfg.model.block_size + 2) * 8  # int64 samples + the permutation
+    if cfg.data.text_file is None and cfg.data.token_file is None:
+        need = cfg.data.num_samples * (cfg.model.block_size + 1) * 8  # int64 samples
         host = _available_memory(False)
         _require(
             host is None or need <= host,

@@ -1,27 +1,38 @@
-"""Data: the synthetic task, character-level text, and world-size-invariant batching.
+"""Data: the synthetic task, character-level text, token files, and world-size-invariant batching.
 
 Batches are addressed by optimizer step: step s of epoch e takes a contiguous
-slice of one permutation of the data set (seeded by seed + e). Every rank takes
-its own contiguous share of that global batch and splits it into micro-batches.
-So the global batch of step s is the same set of samples, in the same order,
-whatever the number of ranks or micro-batches: a 1-process and an N-process run
-see identical data, and the epoch can never be forgotten (it follows from s).
+slice of one permutation of the data set (keyed by the seed and e, computed
+position by position by dist_train.shuffle, so no index is stored per sample).
+Every rank takes its own contiguous share of that global batch and splits it
+into micro-batches. So the global batch of step s is the same set of samples,
+in the same order, whatever the number of ranks or micro-batches: a 1-process
+and an N-process run see identical data, and the epoch can never be forgotten
+(it follows from s).
+
+A token file (data.token_file) is memory-mapped: a step reads only the pages of
+its own samples, so a corpus of any size trains in the same memory. Its format
+is nanoGPT's (raw little-endian uint16 or uint32 ids, no header); its sidecar
+(`tokens.bin` -> `tokens.json`) holds the dtype and the vocabulary.
 """
 
 from __future__ import annotations
 
 import codecs
-import functools
 import io
+import json
+import mmap
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
-from dist_train.config import DataConfig
-from dist_train.errors import UsageError
+from dist_train.config import DataConfig, TokenDtype, _regular_file
+from dist_train.errors import ConfigError, UsageError
+from dist_train.shuffle import EpochPermutation
 
 
 class TokenDataset:
@@ -48,6 +59,45 @@ class TokenDataset:
         starts = torch.as_tensor(indices) * self.stride
         w = self.tokens[starts.unsqueeze(1) + self._offsets].long()
         return w[:, :-1], w[:, 1:]
+
+
+class TokenFileDataset(TokenDataset):
+    """TokenDataset's windows (stride block_size) over a memory-mapped token file.
+
+    Nothing is read up front: `get` gathers its samples' ids from the mapping (the
+    kernel reads those pages), widens only that batch to int64, and checks its
+    largest id against the vocabulary, so an id out of range is reported with
+    the file, the token and the sample, at no cost of a scan over the file.
+    """
+
+    def __init__(self, info: "TokenFile", block_size: int):
+        with open(info.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Samples are read in shuffled order, a few KB each: read-ahead around every one would
+        # read (and cache) tens of times the data a step uses.
+        if hasattr(mmap, "MADV_RANDOM"):
+            self._map.madvise(mmap.MADV_RANDOM)
+        self.tokens = np.frombuffer(self._map, dtype=np.dtype(info.dtype).newbyteorder("<"))
+        self.info = info
+        self.stride = block_size
+        self.vocab_size = info.vocab_size
+        self.itos = info.itos
+        self._offsets = np.arange(block_size + 1)
+        self._len = (info.num_tokens - block_size - 1) // block_size + 1
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices).numpy().astype(np.int64, copy=False)
+        w = self.tokens[(idx * self.stride)[:, None] + self._offsets]
+        if w.size and int(w.max()) >= self.vocab_size:
+            row, col = divmod(int(w.argmax()), w.shape[1])
+            i = int(idx[row])
+            raise UsageError(
+                f"data.token_file '{self.info.path}': token {i * self.stride + col} (in sample {i}) is id "
+                f"{int(w[row, col])}, not below the vocabulary size {self.vocab_size} ({self.info.vocab_from}); "
+                "the file's ids and its vocabulary do not belong together"
+            )
+        t = torch.from_numpy(w.astype(np.int64))
+        return t[:, :-1], t[:, 1:]
 
 
 def synthetic_dataset(num_samples: int, vocab_size: int, block_size: int, seed: int) -> TokenDataset:
@@ -86,10 +136,7 @@ def text_dataset(path: str | Path, block_size: int, *, chunk_bytes: int = CHUNK_
     vocabulary allows). Characters become code points through str.encode, and code
     points become ids through a lookup table, so no Python code runs per character.
     """
-    counts = torch.zeros(_NUM_CODE_POINTS, dtype=torch.long)
-    for text in _decoded_chunks(path, chunk_bytes):
-        c = torch.bincount(_code_points(text))  # as long as the chunk's largest code point
-        counts[: c.numel()] += c
+    counts = char_counts([path], chunk_bytes, "data.text_file")
     num_chars = int(counts.sum())
     if num_chars < block_size + 1:
         raise UsageError(
@@ -97,23 +144,46 @@ def text_dataset(path: str | Path, block_size: int, *, chunk_bytes: int = CHUNK_
         )
     vocab = counts.nonzero().squeeze(1)  # ascending code points
     dtype = torch.int16 if vocab.numel() <= 2**15 else torch.int32
-    lookup = torch.zeros(_NUM_CODE_POINTS, dtype=dtype)
-    lookup[vocab] = torch.arange(vocab.numel(), dtype=dtype)
+    lookup = id_lookup(vocab, dtype)
     tokens = torch.empty(num_chars, dtype=dtype)
     pos = 0
-    for text in _decoded_chunks(path, chunk_bytes):
+    for text in _decoded_chunks(path, chunk_bytes, "data.text_file"):
         cps = _code_points(text)
         torch.index_select(lookup, 0, cps, out=tokens[pos : pos + cps.numel()])
         pos += cps.numel()
     return TokenDataset(tokens, block_size, block_size, vocab.numel(), [chr(c) for c in vocab.tolist()])
 
 
-def _decoded_chunks(path: str | Path, chunk_bytes: int) -> Iterator[str]:
+def char_counts(paths: Sequence[str | Path], chunk_bytes: int, what: str,
+                progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """How often each code point occurs in the files' text (newlines translated), one count per code point.
+
+    Its nonzero entries, in order, are the character vocabulary: distinct characters
+    sorted by code point. `progress` is called with the bytes of each chunk read.
+    """
+    counts = torch.zeros(_NUM_CODE_POINTS, dtype=torch.long)
+    for path in paths:
+        for text in _decoded_chunks(path, chunk_bytes, what, progress):
+            c = torch.bincount(_code_points(text))  # as long as the chunk's largest code point
+            counts[: c.numel()] += c
+    return counts
+
+
+def id_lookup(vocab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A table from code point to id: the id of vocab[i] is i (vocab: ascending code points)."""
+    lookup = torch.zeros(_NUM_CODE_POINTS, dtype=dtype)
+    lookup[vocab] = torch.arange(vocab.numel(), dtype=dtype)
+    return lookup
+
+
+def _decoded_chunks(path: str | Path, chunk_bytes: int, what: str = "data.text_file",
+                    progress: Optional[Callable[[int], None]] = None) -> Iterator[str]:
     """The file's text, chunk by chunk, with newlines translated as text-mode open() does.
 
     A character split across two chunks comes out whole: the incremental decoder
     holds its leading bytes back until the rest arrives, and a trailing CR until it
-    knows whether LF follows. Raises UsageError at the first byte that is not UTF-8.
+    knows whether LF follows. Raises UsageError at the first byte that is not UTF-8,
+    naming the file as `what 'path'`. `progress` is called with the bytes of each chunk.
     """
     utf8 = codecs.getincrementaldecoder("utf-8")()
     decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
@@ -127,7 +197,9 @@ def _decoded_chunks(path: str | Path, chunk_bytes: int) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 # e.start counts from the first held-back byte, not from the chunk.
                 where = offset - pending + e.start
-                raise UsageError(f"data.text_file '{path}' is not UTF-8 text ({e.reason} at byte {where})") from None
+                raise UsageError(f"{what} '{path}' is not UTF-8 text ({e.reason} at byte {where})") from None
+            if progress is not None and raw:
+                progress(len(raw))
             if text:
                 yield text
             if not raw:
@@ -144,9 +216,124 @@ def _code_points(text: str) -> torch.Tensor:
         return torch.frombuffer(text.encode("utf-32-le"), dtype=torch.int32)
 
 
+# ---- token files ---------------------------------------------------------------------------------------
+#: Keys of a token file's sidecar: dtype and vocab_size always; vocab (the text of each id, which
+#: becomes the run's vocab.json) and num_tokens (checked against the file's size) where known.
+SIDECAR_KEYS = ("dtype", "vocab_size", "vocab", "num_tokens")
+TOKEN_DTYPES = tuple(d.value for d in TokenDtype)
+
+
+def sidecar_path(token_file: str | Path) -> Path:
+    """Where a token file's dtype and vocabulary are: `tokens.bin` -> `tokens.json`."""
+    return Path(token_file).with_suffix(".json")
+
+
+def sidecar(dtype: str, vocab: Optional[list[str]], vocab_size: int, num_tokens: int) -> dict:
+    """A sidecar's content, as `dist-train prepare` writes it."""
+    return {"dtype": dtype, "vocab_size": vocab_size, "num_tokens": num_tokens, "vocab": vocab}
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """What a token file holds, from its size, its sidecar and the config; checked, nothing read but the sidecar."""
+
+    path: Path
+    dtype: str  # "uint16" | "uint32"
+    num_tokens: int
+    vocab_size: int
+    itos: Optional[list[str]]
+    vocab_from: str  # where vocab_size came from, for messages
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_sidecar(path: Path) -> dict:
+    _regular_file(path, "config key 'data.token_file': sidecar")
+    where = f"config key 'data.token_file': sidecar '{path}'"
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(side, dict):
+        raise ConfigError(f"{where} must hold a JSON object with {', '.join(SIDECAR_KEYS)}")
+    unknown = sorted(set(side) - set(SIDECAR_KEYS))
+    if unknown:
+        raise ConfigError(f"{where} has unknown key '{unknown[0]}'; its keys are {', '.join(SIDECAR_KEYS)}")
+    if side.get("dtype") not in TOKEN_DTYPES:
+        raise ConfigError(f"{where}: dtype must be {' or '.join(TOKEN_DTYPES)}, got {json.dumps(side.get('dtype'))}")
+    v = side.get("vocab_size")
+    if not _int(v) or v < 1:
+        raise ConfigError(f"{where}: vocab_size must be a whole number >= 1, got {json.dumps(v)}")
+    vocab = side.get("vocab")
+    if vocab is not None and not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
+        raise ConfigError(f"{where}: vocab must be a list of strings (the text of each id) or null")
+    if vocab is not None and len(vocab) != v:
+        raise ConfigError(f"{where}: vocab has {len(vocab)} entries but vocab_size is {v}")
+    n = side.get("num_tokens")
+    if n is not None and (not _int(n) or n < 0):
+        raise ConfigError(f"{where}: num_tokens must be a whole number >= 0 or null, got {json.dumps(n)}")
+    return side
+
+
+def inspect_token_file(cfg: DataConfig, block_size: int) -> TokenFile:
+    """Check data.token_file against its size, its sidecar and the config; a one-line ConfigError otherwise.
+
+    Reads the sidecar and the file's size, never the ids: an id beyond the
+    vocabulary is found by TokenFileDataset.get, in the batch that holds it.
+    """
+    assert cfg.token_file is not None
+    path = _regular_file(cfg.token_file, "config key 'data.token_file': file")
+    side_path = sidecar_path(path)
+    if side_path == path:
+        raise ConfigError(f"config key 'data.token_file': '{path}' ends in .json, the name of its own sidecar; "
+                          "rename it (e.g. to .bin)")
+    dtype_cfg = cfg.token_dtype.value if cfg.token_dtype is not None else None
+    if side_path.exists():
+        side = _read_sidecar(side_path)
+        dtype, vocab_size, itos = side["dtype"], side["vocab_size"], side.get("vocab")
+        if dtype_cfg is not None and dtype_cfg != dtype:
+            raise ConfigError(f"config key 'data.token_dtype': {dtype_cfg} contradicts the sidecar '{side_path}' "
+                              f"({dtype}); remove data.token_dtype")
+        if cfg.vocab_size is not None and cfg.vocab_size != vocab_size:
+            raise ConfigError(f"config key 'data.vocab_size': {cfg.vocab_size} contradicts the sidecar '{side_path}' "
+                              f"(vocab_size {vocab_size}); remove data.vocab_size")
+        vocab_from = f"from its sidecar '{side_path}'"
+    else:
+        side = {}
+        if dtype_cfg is None:
+            raise ConfigError(f"config key 'data.token_dtype': data.token_file '{path}' has no sidecar '{side_path}' "
+                              "(dist-train prepare writes one), so set data.token_dtype=uint16 or uint32: the width "
+                              "of its ids")
+        if cfg.vocab_size is None:
+            raise ConfigError(f"config key 'data.vocab_size': data.token_file '{path}' has no sidecar '{side_path}' "
+                              "(dist-train prepare writes one), so set data.vocab_size: every id must be below it")
+        if cfg.vocab_size < 1:
+            raise ConfigError(f"config key 'data.vocab_size': must be >= 1, got {cfg.vocab_size}")
+        dtype, vocab_size, itos, vocab_from = dtype_cfg, cfg.vocab_size, None, "data.vocab_size"
+    width = np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size % width:
+        raise ConfigError(f"config key 'data.token_file': '{path}' is {size} bytes, not a whole number of {dtype} ids "
+                          f"({width} bytes each); is the file cut short, or its dtype wrong?")
+    num_tokens = size // width
+    if side.get("num_tokens") is not None and side["num_tokens"] != num_tokens:
+        raise ConfigError(f"config key 'data.token_file': '{path}' holds {num_tokens} {dtype} ids, but its sidecar "
+                          f"'{side_path}' says {side['num_tokens']}; they do not belong together (prepare them again)")
+    if num_tokens < block_size + 1:
+        raise ConfigError(f"config key 'data.token_file': '{path}' has {num_tokens} tokens, fewer than "
+                          f"model.block_size+1={block_size + 1}")
+    return TokenFile(path, dtype, num_tokens, vocab_size, itos, vocab_from)
+
+
 def build_dataset(cfg: DataConfig, block_size: int, seed: int) -> TokenDataset:
     if cfg.text_file is not None:
         return text_dataset(cfg.text_file, block_size)
+    if cfg.token_file is not None:
+        return TokenFileDataset(inspect_token_file(cfg, block_size), block_size)
     return synthetic_dataset(cfg.num_samples, cfg.vocab_size, block_size, seed)
 
 
@@ -170,15 +357,11 @@ class GlobalBatches:
         return self.num_samples // self.global_batch_size  # the last partial batch is dropped
 
     def indices(self, step: int) -> torch.Tensor:
-        """Sample indices of the global batch of `step` (0-based), in order."""
+        """Sample indices of the global batch of `step` (0-based), in order: positions
+        k*B .. (k+1)*B - 1 of epoch e's permutation, where e, k = divmod(step, steps_per_epoch)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = _permutation(self.num_samples, self.seed + epoch)
-        return perm[k * self.global_batch_size : (k + 1) * self.global_batch_size]
-
-
-@functools.lru_cache(maxsize=2)
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        positions = torch.arange(k * self.global_batch_size, (k + 1) * self.global_batch_size)
+        return EpochPermutation(self.num_samples, self.seed, epoch)(positions)
 
 
 def split_for_rank(indices: torch.Tensor, rank: int, world_size: int, grad_accum_steps: int) -> list[torch.Tensor]:

@@ -62,7 +62,8 @@ class Case:
     traceback: bool = False
     """--debug: a traceback is expected; the last stderr line is the error line."""
     during_training: bool = False
-    """Found only once training runs (exit 1): the run's startup lines may come before the error line."""
+    """Found only once the work runs (training; prepare reading its input): startup lines may come before the
+    error line."""
     control: Optional[Callable[[Path, subprocess.CompletedProcess], None]] = None
     """A positive control: exit `code`, then this check instead of the one-line rule."""
     fragment_from_cli: bool = False
@@ -138,6 +139,21 @@ def _onednn_fp16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
+def sidecar_text(vocab_size: int, num_tokens: int | None, dtype: str = "uint16") -> str:
+    return json.dumps({"dtype": dtype, "vocab_size": vocab_size, "num_tokens": num_tokens})
+
+
+def tokens(stem: str, n: int, side: bool = True, bad_at: int = -1) -> dict[str, str | bytes]:
+    """A token file `stem.bin` of n uint16 ids below 32 (id 40 at position bad_at), with its sidecar `stem.json`."""
+    ids = [(7 * i) % 32 for i in range(n)]
+    if bad_at >= 0:
+        ids[bad_at] = 40
+    files: dict[str, str | bytes] = {f"{stem}.bin": b"".join(i.to_bytes(2, "little") for i in ids)}
+    if side:
+        files[f"{stem}.json"] = sidecar_text(32, n)
+    return files
+
+
 # ---- positive controls --------------------------------------------------------------------------------
 def _config_ok(d: Path, p: subprocess.CompletedProcess) -> None:
     assert "config OK" in p.stderr
@@ -147,6 +163,16 @@ def _config_ok(d: Path, p: subprocess.CompletedProcess) -> None:
 def _trained(d: Path, p: subprocess.CompletedProcess) -> None:
     lines = (d / "out" / "metrics.jsonl").read_text().splitlines()  # json, not read_jsonl: no torch import here
     assert lines and json.loads(lines[-1])["step"] == 3, p.stderr
+
+
+def _prepared(d: Path, p: subprocess.CompletedProcess) -> None:
+    side = json.loads((d / "t.json").read_text())
+    ids = (d / "t.bin").read_bytes()
+    text = "".join(side["vocab"][int.from_bytes(ids[i : i + 2], "little")] for i in range(0, len(ids), 2))
+    assert side["dtype"] == "uint16" and text == "ab\nba", p.stderr
+    assert p.stderr.splitlines()[0] == ("dist-train: prepare: 2 files under 'in' matching '*', in this order: "
+                                        "a.txt, b.txt")
+    assert sorted(x.name for x in d.iterdir()) == ["in", "t.bin", "t.json"]  # no temporary file left
 
 
 def _plotted(warning: Optional[str]) -> Callable[[Path, subprocess.CompletedProcess], None]:
@@ -268,6 +294,26 @@ CASES = [
          files={"t.txt": b"hello world, " * 10 + b"\xff\xfe" + b"more text " * 10}),
     Case("text_file_too_short", [*TRAIN, "data.text_file=t.txt"], "fewer than model.block_size+1=33",
          files={"t.txt": "too short\n"}),
+    # ---- data.token_file --------------------------------------------------------------------------------
+    Case("token_and_text_file", [*TRAIN, "data.text_file=t.txt", "data.token_file=t.bin"],
+         "'data.token_file': data.text_file is set too", files={"t.txt": "x" * 100, **tokens("t", 100)}),
+    Case("token_file_missing", [*TRAIN, "data.token_file=nope.bin"], "'data.token_file': file 'nope.bin' not found"),
+    Case("token_file_odd_size", [*TRAIN, "data.token_file=t.bin"],
+         "'t.bin' is 2001 bytes, not a whole number of uint16 ids (2 bytes each)",
+         files={"t.bin": bytes(2001), "t.json": sidecar_text(1000, num_tokens=None)}),
+    Case("token_file_without_sidecar_or_dtype", [*TRAIN, "data.token_file=t.bin", "data.vocab_size=32"],
+         "'data.token_dtype': data.token_file 't.bin' has no sidecar 't.json'", files=tokens("t", 100, side=False)),
+    Case("vocab_size_contradicts_sidecar", [*TRAIN, "data.token_file=t.bin", "data.vocab_size=50"],
+         "'data.vocab_size': 50 contradicts the sidecar 't.json' (vocab_size 32)", files=tokens("t", 100)),
+    Case("token_id_beyond_vocabulary", [*TRAIN, "data.token_file=t.bin"],
+         "token 3 (in sample 0) is id 40, not below the vocabulary size 32 (from its sidecar 't.json')",
+         files=tokens("t", 2000, bad_at=3), during_training=True),
+    # ---- prepare --------------------------------------------------------------------------------------
+    Case("prepare_output_exists", ["prepare", "in.txt", "t.bin"], "'t.bin' exists; pass --overwrite",
+         files={"in.txt": "some text\n", "t.bin": "old"}),
+    # After the line that names the files it takes.
+    Case("prepare_not_utf8", ["prepare", "in", "t.bin"], "input file 'in/b.txt' is not UTF-8 text",
+         files={"in/a.txt": "fine\n", "in/b.txt": b"caf\xe9\n"}, during_training=True),
     # ---- arguments ------------------------------------------------------------------------------------
     Case("unknown_flag", ["train", "--bogus", "run.out_dir=out"], "unrecognized arguments: --bogus"),
     Case("verify_zero_steps", ["verify", "--config", CONFIG, "--steps", "0"], "--steps must be >= 1"),
@@ -377,6 +423,9 @@ CASES = [
                        "def build(cfg, vocab_size):\n"
                        "    assert vocab_size == 32\n"
                        "    return M(40)\n")),
+    Case("ok_token_file", [*TRAIN, "data.token_file=t.bin"], code=0, control=_trained, files=tokens("t", 2000)),
+    Case("ok_prepare", ["prepare", "in", "t.bin"], code=0, control=_prepared,
+         files={"in/a.txt": "ab\n", "in/b.txt": "ba"}),
     Case("ok_plot_truncated_last_line", ["plot", "run"], code=0, control=_plotted("incomplete line"),
          files={"run/metrics.jsonl": GOOD_LINES + RECORD[:30]}),
     Case("ok_plot_null_norms", ["plot", "run"], code=0, control=_plotted(None),
