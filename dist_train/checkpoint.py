@@ -48,7 +48,9 @@ DIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER = "trainer.pt"
-FORMAT = 1
+#: The checkpoint layout and meaning. 2: the data order is the on-demand shuffle (dist_train.shuffle),
+#: so a step of a format-1 checkpoint addresses other samples.
+FORMAT = 2
 _NAME = re.compile(r"^step_(\d{8,})$")
 #: Config keys whose value decides the trajectory: a resume must not change them.
 TRAJECTORY_KEYS = ("model", "data", "train.global_batch_size", "train.seed")

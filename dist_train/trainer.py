@@ -282,6 +282,10 @@ def save_checkpoint(s: Setup, run_dir: Path, p: Progress) -> Path:
 def load_checkpoint(s: Setup, folder: Path) -> Progress:
     """Every rank calls this: restore everything `save_checkpoint` saved from `folder`."""
     manifest = ckpt.read_manifest(folder)
+    if manifest.get("format") != ckpt.FORMAT:
+        raise ConfigError(f"train.resume: the checkpoint '{folder}' has format {manifest.get('format')} and this "
+                          f"version of dist_train reads format {ckpt.FORMAT} (its steps address other samples); "
+                          "finish that run with the version that wrote it, or start a new run")
     kind, world = manifest.get("kind"), manifest.get("world_size")
     if kind != s.strategy.checkpoint_kind:
         raise ConfigError(f"train.resume: the checkpoint '{folder}' was written by dist.strategy="

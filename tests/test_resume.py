@@ -221,6 +221,21 @@ def test_resume_refuses_a_changed_trajectory_key(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_checkpoint_of_another_format_is_refused(tmp_path, capsys):
+    """A checkpoint written before the data order changed (format 1) would resume on other samples."""
+    import json
+
+    run = tmp_path / "run"
+    assert in_process(capsys, run, "train.max_steps=2")[0] == 0
+    manifest = latest_checkpoint(run) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "format": 1}))
+    rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto")
+    assert rc == 2, err
+    assert "has format 1 and this version of dist_train reads format 2" in err.strip().splitlines()[-1]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2]  # nothing appended
+
+
 def test_resume_auto_without_a_checkpoint_starts_at_step_zero(tmp_path, capsys):
     run = tmp_path / "run"
     rc, err = in_process(capsys, run, "train.max_steps=4", "train.resume=auto")
