@@ -343,13 +343,17 @@ def assert_same_parameters(run_dir, ref_dir):
 
     AdamW moves every parameter by about lr (3e-3) a step, whatever its gradient's size,
     so where a gradient is near zero the different order of the fp32 sums (2 ranks x 16
-    samples vs 1 x 32) changes the update itself: measured up to 5e-6 after 12 steps.
-    atol 1e-5 is 1/300 of one step; a missed or doubled gradient moves parameters by
-    whole steps.
+    samples vs 1 x 32) changes the update itself. Measured: blocks.0.attn.proj.weight[1, 41]
+    has a step-1 gradient of -1.16e-8, the smallest of its 4096 (the median is 1.7e-3), a
+    near-cancellation of 32 terms of ~1e-3 whose rounding (~5e-10) is a few % of it; the first
+    update lr * g / (|g| + 1e-8) is ill-conditioned there, and under Accelerate with 4
+    micro-batches it ended 1.1e-5 from the reference after 12 steps (7 of the 106240
+    parameters differed by more than 5e-6, the largest by 1.12e-5). atol 3e-5 is 1/100 of
+    one step; a missed or doubled gradient moves parameters by whole steps.
     """
     ref_state = _model_state(ref_dir)
     for name, value in _model_state(run_dir).items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("accum", [1, 4])
