@@ -245,7 +245,7 @@ def _setup_logging(debug: bool) -> None:
 
 def _printed_here(err: DistTrainError) -> bool:
     """Under a launcher, the error of every rank alike is printed once (per node, or by rank 0)."""
-    from dist_train.distributed import ranks_from_env
+    from dist_train.launchers import ranks_from_env
 
     rank, local_rank = ranks_from_env()
     return {"every": True, "node": local_rank == 0, "main": rank == 0}.get(err.scope, True)
@@ -292,7 +292,7 @@ def entry() -> None:
     without an active exception"), so every rank of a multi-process run ends this way.
     """
     code = main()
-    from dist_train.distributed import world_size_from_env
+    from dist_train.launchers import world_size_from_env
 
     if "deepspeed" in sys.modules or world_size_from_env() > 1:
         sys.stdout.flush()

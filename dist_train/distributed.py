@@ -21,25 +21,10 @@ import torch
 import torch.distributed as dist
 
 from dist_train.errors import DistTrainError, Stopped, TrainingError, UsageError
+from dist_train.launchers import LAUNCHERS
 
 T = TypeVar("T")
 
-#: torch.distributed's env:// variables, as DistState fields.
-TORCH_ENV = {"rank": "RANK", "local_rank": "LOCAL_RANK", "world_size": "WORLD_SIZE", "local_world_size": "LOCAL_WORLD_SIZE"}
-#: Launcher -> (variables that identify it, {field: variable}). First match wins.
-LAUNCHERS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-    # accelerate launch starts its processes through torch elastic, so it goes first.
-    "accelerate": (("ACCELERATE_MIXED_PRECISION", "RANK"), TORCH_ENV),
-    "torchrun": (("TORCHELASTIC_RUN_ID",), TORCH_ENV),
-    # DeepSpeed's launcher (deepspeed.launcher.launch) names its node rank and local size its own way.
-    "deepspeed": (("CROSS_RANK", "LOCAL_SIZE", "RANK"), {**TORCH_ENV, "local_world_size": "LOCAL_SIZE"}),
-    # Any launcher that exports the env:// variables (accelerate, deepspeed, mpirun wrappers).
-    "env": (("RANK",), TORCH_ENV),
-    # A bare `srun python -m dist_train ...`, one task per device: a job step's variables. (A batch
-    # script itself has SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID: one process.)
-    "slurm": (("SLURM_STEP_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
-              {"rank": "SLURM_PROCID", "local_rank": "SLURM_LOCALID", "world_size": "SLURM_STEP_NUM_TASKS"}),
-}
 #: Variables torch's env:// rendezvous needs when world_size > 1.
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
 
@@ -67,34 +52,6 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
             raise UsageError(f"SLURM_JOB_ID={job!r} gives no port; export MASTER_PORT in the batch script")
         out["MASTER_PORT"] = str(20000 + int(job) % 20000)
     return out
-
-
-def world_size_from_env(env: Mapping[str, str] = os.environ) -> int:
-    """The world size the launcher's variables give (WORLD_SIZE, or 1, where no launcher is recognised;
-    1 when unreadable, which from_env reports). For decisions made before the process group exists,
-    such as the strategy."""
-    var = next((table["world_size"] for markers, table in LAUNCHERS.values() if all(m in env for m in markers)),
-               TORCH_ENV["world_size"])
-    try:
-        return int(env.get(var, "1"))
-    except ValueError:
-        return 1
-
-
-def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """(rank, local rank) as the launcher set them, (0, 0) when unset or unreadable.
-
-    For deciding who prints an error, where DistState.from_env may itself be what failed.
-    """
-    def read(var: str) -> int:
-        try:
-            return int(env.get(var, "0"))
-        except ValueError:
-            return 0
-
-    if "RANK" not in env and "SLURM_STEP_ID" in env:  # a bare srun
-        return read("SLURM_PROCID"), read("SLURM_LOCALID")
-    return read(TORCH_ENV["rank"]), read(TORCH_ENV["local_rank"])
 
 
 @dataclass

@@ -21,8 +21,8 @@ from typing import Mapping, Optional
 import torch
 
 from dist_train.config import Config, Precision, StrategyName
-from dist_train.distributed import world_size_from_env
 from dist_train.errors import ConfigError
+from dist_train.launchers import world_size_from_env
 
 #: Set in every process `accelerate launch` starts, whatever its launcher mode.
 ACCELERATE_MARKER = "ACCELERATE_MIXED_PRECISION"
