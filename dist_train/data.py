@@ -55,9 +55,13 @@ class TokenDataset:
     def __len__(self) -> int:
         return self._len
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The samples at `indices` as one contiguous int64 tensor of (len(indices), block_size + 1)."""
         starts = torch.as_tensor(indices) * self.stride
-        w = self.tokens[starts.unsqueeze(1) + self._offsets].long()
+        return self.tokens[starts.unsqueeze(1) + self._offsets].long()
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.windows(indices)
         return w[:, :-1], w[:, 1:]
 
 
@@ -85,7 +89,7 @@ class TokenFileDataset(TokenDataset):
         self._offsets = np.arange(block_size + 1)
         self._len = (info.num_tokens - block_size - 1) // block_size + 1
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(self, indices: torch.Tensor) -> torch.Tensor:
         idx = torch.as_tensor(indices).numpy().astype(np.int64, copy=False)
         w = self.tokens[(idx * self.stride)[:, None] + self._offsets]
         if w.size and int(w.max()) >= self.vocab_size:
@@ -96,8 +100,7 @@ class TokenFileDataset(TokenDataset):
                 f"{int(w[row, col])}, not below the vocabulary size {self.vocab_size} ({self.info.vocab_from}); "
                 "the file's ids and its vocabulary do not belong together"
             )
-        t = torch.from_numpy(w.astype(np.int64))
-        return t[:, :-1], t[:, 1:]
+        return torch.from_numpy(w.astype(np.int64))
 
 
 def synthetic_dataset(num_samples: int, vocab_size: int, block_size: int, seed: int) -> TokenDataset:

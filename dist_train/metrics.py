@@ -31,11 +31,12 @@ class Window:
         self.device = device
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, t0: Optional[float] = None) -> None:
+        """Start a new window at `t0` (perf_counter time; now by default)."""
         self.steps = 0
         self.samples = 0
         self.clipped = torch.zeros((), device=self.device)
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     def add(self, m: StepMetrics, samples: int) -> None:
         self.steps += 1
@@ -58,9 +59,11 @@ def make_record(
     lr: float,
     skipped_total: int,
     tokens_per_sample: int,
+    t_end: Optional[float] = None,
 ) -> dict[str, Any]:
-    """The log line of optimizer step `step` (1-based). The .item() calls live here."""
-    elapsed = max(time.perf_counter() - window.t0, 1e-9)
+    """The log line of optimizer step `step` (1-based), its window ending at `t_end` (perf_counter time;
+    now by default). The .item() calls live here."""
+    elapsed = max((time.perf_counter() if t_end is None else t_end) - window.t0, 1e-9)
     rec: dict[str, Any] = {
         "step": step,
         "train/loss": _num(loss.item()),

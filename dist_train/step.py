@@ -73,11 +73,17 @@ class StepMetrics:
     """fp16 GradScaler scale used for this step's backward (None without a scaler)."""
 
 
+#: Optimizers whose fused step skips cleanly on found_inf: parameters, state and step counts untouched.
+#: Not fused SGD: in torch 2.13 it creates its momentum buffers with empty_like on the first step and
+#: returns early on found_inf, so a skipped first step leaves them uninitialised.
+FOLDING_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+
+
 def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer.step()` reads `grad_scale` and `found_inf` tensors (torch's fused optimizers, the
-    hooks GradScaler uses): it then divides each gradient by grad_scale as it reads it, and makes no update
-    at all, step counts included, where found_inf is 1, without a host read."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    """Whether `optimizer.step()` reads `grad_scale` and `found_inf` tensors (torch's fused Adam, AdamW and
+    Adagrad, through the hooks GradScaler uses): it then divides each gradient by grad_scale as it reads it,
+    and makes no update at all, step counts included, where found_inf is 1, without a host read."""
+    return isinstance(optimizer, FOLDING_OPTIMIZERS) and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 def train_step(
@@ -96,6 +102,7 @@ def train_step(
 
     `halt` (a 0-dim bool on the device) skips the update whatever the norm: the trainer sets it once
     too many steps in a row were non-finite, so a step run before the host learns of that changes nothing.
+    An engine that steps itself (DeepSpeed) ignores it; the trainer then checks the limit every step.
     """
     n_micro = len(micro_batches)
     if n_micro == 0:

@@ -130,13 +130,17 @@ def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
     """This rank's micro-batches of optimizer step `step` (0-based), on the device."""
     idx = s.batches.indices(step)
     parts = split_for_rank(idx, s.dist.rank, s.dist.world_size, s.cfg.train.grad_accum_steps)
-    pin = s.device.type == "cuda"  # page-locked host memory: the copies run asynchronously
+    pin = s.device.type == "cuda"
     out = []
     for p in parts:
-        x, y = s.dataset.get(p)
+        # One contiguous tensor per micro-batch, in page-locked memory on CUDA: the copy runs asynchronously
+        # (a non-contiguous or pageable source would be staged through pageable memory first), and inputs
+        # and targets are cut from it on the device.
+        w = s.dataset.windows(p)
         if pin:
-            x, y = x.pin_memory(), y.pin_memory()
-        out.append((x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)))
+            w = w.pin_memory()
+        w = w.to(s.device, non_blocking=True)
+        out.append((w[:, :-1], w[:, 1:]))
     return out
 
 
@@ -444,11 +448,13 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     optimizer step, when a stop signal was received. `checkpoint` is called on every rank after every
     train.checkpoint_every steps (the trainer writes the last one itself).
 
-    A step that is not logged reads nothing back from the device. Logged steps are those of
-    logging.every, the last one, the one a stop signal ends on, and every skipped step: the host learns of
-    a skip one step late (`SkipCounter`) and then logs the skipped step's own row, in order. The run stops
-    when clip.max_consecutive_nonfinite steps in a row were skipped: at that step when it is logged
-    anyway, otherwise one step later, and that later step updates nothing (it is halted on the device).
+    A step that is not logged reads nothing back from the device (checkpoint steps and
+    dist.check_sync_every steps read too). Logged steps are those of logging.every, the last one, the one a
+    stop signal ends on, and every skipped step: the host learns of a skip one step late (`SkipCounter`)
+    and then logs the skipped step's own row, in order. The run stops when clip.max_consecutive_nonfinite
+    steps in a row were skipped: at that step when it is logged anyway, otherwise one step later, and that
+    later step updates nothing (it is halted on the device). Under an engine that decides skips on the
+    host itself (DeepSpeed), the counts are read every step, and the run stops at the limit.
     """
     cfg = s.cfg
     t = cfg.train
@@ -458,17 +464,22 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     out = Outcome(progress=p)
     skips = SkipCounter(s.device, p.skipped_total, p.consecutive, cfg.clip.max_consecutive_nonfinite)
     known_total = p.skipped_total  # the skips the host has reported
-    prev: Optional[tuple[int, StepMetrics, float, bool]] = None  # (step, metrics, lr, logged) of the last step
+    # The engine reads its skip on the host anyway: nothing to gain from learning it a step late.
+    immediate = s.strategy.engine_steps
+    # (step, metrics, lr, logged, the time its work was queued by) of the last step
+    prev: Optional[tuple[int, StepMetrics, float, bool, float]] = None
 
-    def log_row(n: int, m: StepMetrics, lr: float, total: int, consecutive: int, advance: bool) -> None:
+    def log_row(n: int, m: StepMetrics, lr: float, total: int, consecutive: int, advance: bool,
+                t_end: Optional[float] = None) -> None:
+        """Step n's row; the logging window ends at t_end (a deferred row: the end of step n, not now)."""
         record = None
         loss = s.dist.mean(m.loss)  # collective: every rank takes part
         if s.dist.is_main:
             record = make_record(step=n, loss=loss, m=m, window=window, lr=lr, skipped_total=total,
-                                 tokens_per_sample=cfg.model.block_size)
+                                 tokens_per_sample=cfg.model.block_size, t_end=t_end)
             for sink in sinks:
                 sink.log(record)
-        window.reset()
+        window.reset(t_end)
         if record is not None and record["optim/step_skipped"]:
             progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
         progress.step(record, advance=advance)
@@ -487,26 +498,29 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     for step in range(p.step, t.max_steps):
         lr = s.optimizer.param_groups[0]["lr"]
         m = optimizer_step(s, step, halt=skips.halt)
+        t_step = time.perf_counter()
         skips.add(m.skipped)
         n = p.step = step + 1
-        late = skips.previous()  # the counts after step n - 1, without waiting for step n
+        late = None if immediate else skips.previous()  # the counts after step n - 1, not waiting for step n
         if late is not None and prev is not None and not prev[3]:
             total, consecutive = late
             if total > known_total:  # step n - 1 was skipped: its own row, before step n's
                 known_total = total
-                log_row(prev[0], prev[1], prev[2], total, consecutive, advance=False)
+                log_row(prev[0], prev[1], prev[2], total, consecutive, advance=False, t_end=prev[4])
             check_limit(prev[0], consecutive)
         window.add(m, t.global_batch_size)
         # Every rank learns the same answer at the same step, so the last step is logged by all.
         stop_now = vote.poll(stop is not None and stop.requested) and n < t.max_steps
         logged = n % cfg.logging.every == 0 or n == t.max_steps or stop_now
+        if immediate and not logged:
+            logged = skips.exact()[0] > known_total  # a skipped step: its row now
         if logged:
             total, consecutive = skips.exact()
             known_total = total
             log_row(n, m, lr, total, consecutive, advance=True)
         else:
             progress.step(None)
-        prev = (n, m, lr, logged)
+        prev = (n, m, lr, logged, t_step)
         if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
             check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
         if logged:
@@ -519,7 +533,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
             if p.skipped_total > known_total:  # step n was skipped: its row goes out before its checkpoint
                 known_total = p.skipped_total
                 log_row(n, m, lr, p.skipped_total, p.consecutive, advance=False)
-                prev = (n, m, lr, True)
+                prev = (n, m, lr, True, t_step)
                 check_limit(n, p.consecutive)
             checkpoint(p)
     vote.close()

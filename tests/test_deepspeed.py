@@ -22,6 +22,10 @@ from dist_train.clip import FixedClip
 from dist_train.config import Precision
 from dist_train.distributed import DistState
 from dist_train.strategies import Plan
+from dist_train import trainer
+from dist_train.config import Progress as ProgressMode
+from dist_train.errors import TrainingError
+from dist_train.progress import ProgressReporter
 from dist_train.trainer import build
 from dist_train.metrics import read_jsonl
 from tests.conftest import FAST, ROOT, checkpoint_params
@@ -99,6 +103,20 @@ def _worker(tmp: str):
                 s = build(_ds(stage, 1, "model.factory=tests.helpers:nan_gpt", variant=variant), state, CPU)
                 out[f"z{stage}{variant}_nan"] = _run(s, 3)
                 out[f"z{stage}{variant}_nan"]["engine_skipped"] = s.strategy.engine.skipped_steps
+        # NaN at steps 2 and 3 with clip.max_consecutive_nonfinite=2 and no logged step there: the engine
+        # reads its skip on the host, so the trainer's loop stops at step 3 itself (no step after the limit).
+        os.environ["NAN_CALLS"] = "1,2"
+        s = build(_ds(2, 1, "model.factory=tests.helpers:nan_gpt", "clip.max_consecutive_nonfinite=2",
+                      "logging.every=10", "train.max_steps=8", "optim.warmup_steps=2"), state, CPU)
+        rows = []
+        sink = type("Sink", (), {"log": lambda self, record: rows.append(record)})()
+        try:
+            trainer.run(s, [sink], ProgressReporter(ProgressMode.plain, 8, enabled=False))
+            error = None
+        except TrainingError as e:
+            error = str(e)
+        out["limit"] = {"error": error, "forwards": s.strategy.unwrap(s.model).calls,
+                        "engine_skipped": s.strategy.engine.skipped_steps, "rows": [r["step"] for r in rows]}
         del os.environ["NAN_CALLS"]
 
         # engine.save_checkpoint / load_checkpoint: a fresh engine resumes the same trajectory.
@@ -293,6 +311,15 @@ def test_deepspeed_launcher_trains_like_one_process(tmp_path, single_runs, stage
     assert_checkpoint_matches(run, single_runs / "clean")
     if wandb == "offline":
         assert_wandb_matches_jsonl(run)
+
+
+def test_the_run_stops_at_the_limit_itself_under_deepspeed(ds):
+    """DeepSpeed ignores the device-side halt (its engine decides skips); the loop checks every step."""
+    for rank in ds:
+        got = rank["limit"]
+        assert got["error"] is not None and got["error"].startswith("training stopped at step 3: 2 consecutive"), got
+        assert got["forwards"] == 3 and got["engine_skipped"] == 2, got  # no step ran past the limit
+    assert ds[0]["limit"]["rows"] == [2, 3]  # each skipped step's row, at its own step
 
 
 def test_nan_under_the_launcher_is_logged_as_skipped(tmp_path, single_runs):
