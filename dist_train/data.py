@@ -98,7 +98,8 @@ class TokenFileDataset(TokenDataset):
             raise UsageError(
                 f"data.token_file '{self.info.path}': token {i * self.stride + col} (in sample {i}) is id "
                 f"{int(w[row, col])}, not below the vocabulary size {self.vocab_size} ({self.info.vocab_from}); "
-                "the file's ids and its vocabulary do not belong together"
+                "the file's ids and its vocabulary do not belong together: give the vocabulary size of the "
+                "tokenizer that wrote the file"
             )
         return torch.from_numpy(w.astype(np.int64))
 
@@ -270,7 +271,9 @@ def _read_sidecar(path: Path) -> dict:
         raise ConfigError(f"{where}: dtype must be {' or '.join(TOKEN_DTYPES)}, got {json.dumps(side.get('dtype'))}")
     v = side.get("vocab_size")
     if not _int(v) or v < 1:
-        raise ConfigError(f"{where}: vocab_size must be a whole number >= 1, got {json.dumps(v)}")
+        got = "it is missing" if "vocab_size" not in side else f"got {json.dumps(v)}"
+        raise ConfigError(f"{where}: vocab_size must be a whole number >= 1 (the size of the vocabulary the ids "
+                          f"come from), {got}")
     vocab = side.get("vocab")
     if vocab is not None and not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
         raise ConfigError(f"{where}: vocab must be a list of strings (the text of each id) or null")

@@ -185,7 +185,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     if source.is_dir():
         shown = ", ".join(str(p.relative_to(source)) for p in files[:LISTED_FILES])
         more = f", and {len(files) - LISTED_FILES} more" if len(files) > LISTED_FILES else ""
-        say(f"dist-train: prepare: {len(files)} files under '{source}' matching '{pattern}', in this order: "
+        say(f"dist-train: prepare: {len(files)} file{'s' if len(files) != 1 else ''} under '{source}' matching '{pattern}', in this order: "
             f"{shown}{more}")
     progress = ByteProgress(2 * total, stream)
     try:

@@ -481,12 +481,14 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
                 sink.log(record)
         window.reset(t_end)
         if record is not None and record["optim/step_skipped"]:
-            progress.message(f"step {n}: non-finite gradient norm, optimizer step skipped ({consecutive} in a row)")
+            progress.message(f"dist-train: step {n}: non-finite gradient norm, optimizer step skipped "
+                             f"({consecutive} in a row)")
         progress.step(record, advance=advance)
 
     def check_limit(n: int, consecutive: int) -> None:
         if consecutive >= cfg.clip.max_consecutive_nonfinite:
-            hint = "lower optim.lr or clip.max_norm, or check the data around these steps"
+            hint = ("lower optim.lr (and clip.max_norm, if the norms grew before this), or check the data around "
+                    "these steps")
             if s.plan.precision == C.Precision.fp16:
                 hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
             raise TrainingError(

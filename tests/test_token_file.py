@@ -70,9 +70,14 @@ BAD_CONFIGS = [
     ("sidecar_bad_dtype", ["data.token_file={d}/t.bin"], {**tokens("t", 100), "t.json": side(dtype="int16")},
      'dtype must be uint16 or uint32, got "int16"'),
     ("sidecar_without_vocab_size", ["data.token_file={d}/t.bin"], {**tokens("t", 100), "t.json": side(
-        vocab_size=None)}, "vocab_size must be a whole number >= 1, got null"),
+        vocab_size=None)}, "vocab_size must be a whole number >= 1 (the size of the vocabulary the ids come from), "
+        "got null"),
+    ("sidecar_missing_vocab_size", ["data.token_file={d}/t.bin"], {**tokens("t", 100), "t.json": json.dumps(
+        {"dtype": "uint16"})}, "vocab_size must be a whole number >= 1 (the size of the vocabulary the ids come "
+        "from), it is missing"),
     ("sidecar_vocab_size_true", ["data.token_file={d}/t.bin"], {**tokens("t", 100), "t.json": side(
-        vocab_size=True)}, "vocab_size must be a whole number >= 1, got true"),
+        vocab_size=True)}, "vocab_size must be a whole number >= 1 (the size of the vocabulary the ids come from), "
+        "got true"),
     ("sidecar_vocab_not_strings", ["data.token_file={d}/t.bin"], {**tokens("t", 100), "t.json": side(
         vocab=list(range(32)))}, "vocab must be a list of strings (the text of each id) or null"),
     ("sidecar_vocab_other_length", ["data.token_file={d}/t.bin"], {**tokens("t", 100), "t.json": side(
@@ -153,7 +158,8 @@ def test_an_id_beyond_the_vocabulary_names_the_file_the_token_and_the_sample(tmp
     with pytest.raises(UsageError) as e:
         data.get(torch.tensor([3, 7]))  # sample 7 holds tokens 56..64
     assert str(e.value) == (f"data.token_file '{path}': token 57 (in sample 7) is id 40, not below the vocabulary "
-                            "size 32 (data.vocab_size); the file's ids and its vocabulary do not belong together")
+                            "size 32 (data.vocab_size); the file's ids and its vocabulary do not belong together: "
+                            "give the vocabulary size of the tokenizer that wrote the file")
 
 
 def test_the_file_is_mapped_not_read(tmp_path):
