@@ -9,12 +9,13 @@
        no update at all when raw is NaN/Inf (decided on the device)
     -> zero gradients
 
-With a fused optimizer (torch's AdamW/Adam/SGD with fused=True, which the trainer
-builds) nothing in the step reads a value back to the host: the skip decision is
-the optimizer's `found_inf` tensor, the fp16 unscale and the clip coefficient are
-its `grad_scale` tensor, the fp16 scale update and the policy's state update are
-device ops masked by finiteness. The gradients are read once for the norm and
-once by the optimizer, and never scaled in a pass of their own. An optimizer
+With a fused optimizer (torch's Adam/AdamW/Adagrad with fused=True; the trainer
+builds AdamW) nothing in the step reads a value back to the host: the skip
+decision is the optimizer's `found_inf` tensor, the fp16 unscale and the clip
+coefficient are its `grad_scale` tensor, the fp16 scale update and the policy's
+state update are device ops masked by finiteness. The gradients are read once
+for the norm and once by the optimizer (which, given a grad_scale, writes them
+back unscaled in that same pass), and never scaled in a pass of their own. An optimizer
 without that support (`folds_clipping` False) takes the explicit path: unscale,
 scale by coef, and one host read to decide whether to step.
 
