@@ -54,6 +54,9 @@ FORMAT = 2
 _NAME = re.compile(r"^step_(\d{8,})$")
 #: Config keys whose value decides the trajectory: a resume must not change them.
 TRAJECTORY_KEYS = ("model", "data", "train.global_batch_size", "train.seed")
+#: Keys inside TRAJECTORY_KEYS a resumed run may change: batches left out after the checkpoint's step (the
+#: trainer checks that the batches before it are those the checkpoint trained on).
+RESUMABLE_KEYS = ("data.skip_steps", "data.skip_steps_file")
 
 
 class UnsafeCheckpoint(UsageError):
@@ -315,7 +318,8 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for key in TRAJECTORY_KEYS:
         a, b = _select(saved, key), _select(now, key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{key}.{k}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k) and f"{key}.{k}" not in RESUMABLE_KEYS]
         elif a != b:
             out.append(key)
     return out

@@ -129,9 +129,38 @@ class OptimConfig:
 @dataclass
 class ClipConfig:
     policy: str = "fixed"
-    """Clip policy name: none | fixed."""
+    """Clip policy name: none | fixed | zscore | percentile | agc (see the README's Clip policies)."""
     max_norm: float = 1.0
-    """Threshold of the fixed policy (global L2 norm)."""
+    """Threshold of the fixed policy (global L2 norm), and of zscore and percentile during their warm-up."""
+    warmup_steps: int = 25
+    """zscore and percentile: the first N finite norms are clipped at clip.max_norm and build the statistics."""
+    zscore_alpha: float = 0.97
+    """zscore: EMA factor of the mean and variance (ZClip's default)."""
+    zscore_z: float = 2.5
+    """zscore: threshold = EMA mean + z * EMA std (ZClip's default z)."""
+    zscore_update_with: str = "clipped"
+    """zscore: what enters the EMA: clipped (min(raw, threshold), ZClip's choice: a spike enters at the
+    threshold) | raw."""
+    percentile: float = 10.0
+    """percentile: threshold = this percentile (0-100) of the window of past finite norms (AutoClip's p=10)."""
+    window: int = 1000
+    """percentile: how many past finite norms the window holds."""
+    agc_lambda: float = 0.01
+    """agc: each unit's gradient norm is kept <= agc_lambda * max(its weight's norm, agc_eps)."""
+    agc_eps: float = 1e-3
+    """agc: the floor of a unit's weight norm (zero-initialised units can still move)."""
+    skip_sigma: float = 0.0
+    """Skip the optimizer step when the raw norm (clip.skip_on) exceeds mean + skip_sigma * std of the last
+    clip.skip_window accepted steps (0: off). Combines with any policy."""
+    skip_window: int = 128
+    """Spike skipping: the window of past accepted steps."""
+    skip_min_steps: int = 64
+    """Spike skipping: active once the window holds this many steps."""
+    skip_on: str = "norm"
+    """Spike skipping looks at: norm (the raw gradient norm) | loss (the global batch's loss) | both."""
+    skip_max_consecutive: int = 5
+    """Spike skipping: after this many spikes skipped in a row, the next is taken (clipped by the policy) and
+    enters the window, so that a norm that moved for good is followed instead of skipped for ever."""
     eps: float = 1e-6
     """coef = min(1, threshold / (raw + eps)), the same eps as torch.nn.utils.clip_grad_norm_."""
     max_consecutive_nonfinite: int = 10
@@ -149,6 +178,11 @@ class WandbConfig:
 class LoggingConfig:
     every: int = 10
     """Log one metrics line every this many optimizer steps (and at the last step)."""
+    per_layer_every: int = 0
+    """Every N optimizer steps, log the raw gradient norm of each module to per_layer.jsonl and W&B (0: off);
+    those steps are logged steps."""
+    spike_top_k: int = 5
+    """spikes.jsonl: how many modules, largest gradient norm first, a spike's line names."""
     progress: Progress = Progress.auto
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -183,6 +217,12 @@ class DataConfig:
     sidecar's)."""
     num_samples: int = 65536
     """Size of the synthetic data set (one epoch)."""
+    skip_steps: list[int] = field(default_factory=list)
+    """Global batches to leave out, by the step that draws them in a run without skips (1-based, the `batch`
+    of a spikes.jsonl line): step s then trains on the s-th batch not listed. Resuming may add batches after
+    the checkpoint's step."""
+    skip_steps_file: Optional[str] = None
+    """A file of more such batches: a spikes.jsonl (its `batch` fields) or whitespace-separated numbers."""
     vocab_size: Optional[int] = None
     """Vocabulary size: of the synthetic task (unset: 32), or of a data.token_file without a sidecar (required there;
     every id must be below it). A text file's vocabulary is its characters, a sidecar's its own."""
@@ -391,12 +431,30 @@ def validate(cfg: Config) -> None:
     _finite(c.max_norm, "clip.max_norm", 0)
     # A large eps silently shrinks every step (eps=inf trains nothing); 1e-6 is the norm.
     _finite(c.eps, "clip.eps", 0, hi=1e-2, lo_open=False)
+    _require(c.warmup_steps >= 1, "clip.warmup_steps", f"must be >= 1 (the statistics need a norm), got {c.warmup_steps}")
+    _require(0 < c.zscore_alpha < 1, "clip.zscore_alpha", f"must be in (0, 1), got {c.zscore_alpha}")
+    _finite(c.zscore_z, "clip.zscore_z", 0)
+    _require(c.zscore_update_with in ("clipped", "raw"), "clip.zscore_update_with",
+             f"must be clipped or raw, got '{c.zscore_update_with}'")
+    _require(0 <= c.percentile <= 100, "clip.percentile", f"must be in [0, 100], got {c.percentile}")
+    _require(c.window >= 1, "clip.window", f"must be >= 1, got {c.window}")
+    _finite(c.agc_lambda, "clip.agc_lambda", 0)
+    _finite(c.agc_eps, "clip.agc_eps", 0)
+    _finite(c.skip_sigma, "clip.skip_sigma", 0, lo_open=False)
+    _require(c.skip_window >= 1, "clip.skip_window", f"must be >= 1, got {c.skip_window}")
+    _require(1 <= c.skip_min_steps <= c.skip_window, "clip.skip_min_steps",
+             f"must be in [1, clip.skip_window={c.skip_window}], got {c.skip_min_steps}")
+    _require(c.skip_max_consecutive >= 1, "clip.skip_max_consecutive", f"must be >= 1, got {c.skip_max_consecutive}")
+    _require(c.skip_on in ("norm", "loss", "both"), "clip.skip_on", f"must be norm, loss or both, got '{c.skip_on}'")
     _require(
         c.max_consecutive_nonfinite > 0,
         "clip.max_consecutive_nonfinite",
         f"must be > 0, got {c.max_consecutive_nonfinite}",
     )
     _require(cfg.logging.every > 0, "logging.every", f"must be > 0, got {cfg.logging.every}")
+    _require(cfg.logging.per_layer_every >= 0, "logging.per_layer_every",
+             f"must be >= 0, got {cfg.logging.per_layer_every}")
+    _require(cfg.logging.spike_top_k >= 1, "logging.spike_top_k", f"must be >= 1, got {cfg.logging.spike_top_k}")
     if cfg.logging.wandb.mode == WandbMode.online:
         from dist_train.wandb_sink import api_key_configured
 
@@ -435,8 +493,46 @@ def validate(cfg: Config) -> None:
     resolve(cfg)  # strategy x precision x launcher: a combination that cannot work fails here
 
 
+def skipped_batches(d: DataConfig) -> list[int]:
+    """data.skip_steps and the batches of data.skip_steps_file, sorted, without repeats (1-based)."""
+    steps = set(d.skip_steps)
+    if d.skip_steps_file is not None:
+        path = _regular_file(d.skip_steps_file, "config key 'data.skip_steps_file': file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config key 'data.skip_steps_file': cannot read '{path}' ({describe(e)})") from None
+        import json
+
+        for i, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    batch = json.loads(line)["batch"]
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' is a JSON object "
+                                      "without a 'batch' (is it a spikes.jsonl written by dist-train?)") from None
+                items = [batch]
+            else:
+                items = line.split()
+            for item in items:
+                try:
+                    steps.add(int(item))
+                except (TypeError, ValueError):
+                    raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' holds "
+                                      f"'{item}', not a step number") from None
+    bad = [s for s in steps if s < 1]
+    if bad:
+        key = "data.skip_steps" if min(bad) in d.skip_steps else "data.skip_steps_file"
+        raise ConfigError(f"config key '{key}': steps are 1-based, got {min(bad)}")
+    return sorted(steps)
+
+
 def _validate_data(d: DataConfig, block_size: int) -> int:
     """Check the data.* keys (a token file against its size and sidecar); the vocabulary size, or a bound on it."""
+    skipped_batches(d)
     _require(d.text_file is None or d.token_file is None, "data.token_file",
              "data.text_file is set too; pass only one of them")
     if d.token_file is None:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
@@ -41,7 +41,8 @@ class Window:
     def add(self, m: StepMetrics, samples: int) -> None:
         self.steps += 1
         self.samples += samples
-        self.clipped += (m.clip_coef < 1) & ~m.skipped  # a skipped step is not a clipped one
+        taken = ~m.skipped if m.spike is None else ~m.skipped & ~m.spike
+        self.clipped += (m.clip_coef < 1) & taken  # a skipped step is not a clipped one
 
 
 def _num(x: Any) -> Optional[float]:
@@ -60,6 +61,7 @@ def make_record(
     skipped_total: int,
     tokens_per_sample: int,
     t_end: Optional[float] = None,
+    spike_skipped_total: Optional[int] = None,
 ) -> dict[str, Any]:
     """The log line of optimizer step `step` (1-based), its window ending at `t_end` (perf_counter time;
     now by default). The .item() calls live here."""
@@ -78,9 +80,56 @@ def make_record(
         "perf/samples_per_sec": window.samples / elapsed,
         "perf/tokens_per_sec": window.samples * tokens_per_sample / elapsed,
     }
+    if spike_skipped_total is not None:  # spike skipping is on
+        rec["optim/spike_skipped"] = int(bool(m.spike)) if m.spike is not None else 0
+        rec["optim/spike_skipped_steps"] = spike_skipped_total
+    for key, value in m.stats.items():
+        rec[key] = _num(value.item())
     if m.loss_scale is not None:
         rec["amp/loss_scale"] = _num(m.loss_scale.item())
     return rec
+
+
+def module_of(name: str) -> str:
+    """The module a parameter belongs to: its name without the last part ('blocks.0.attn.qkv.weight' ->
+    'blocks.0.attn.qkv'); a parameter of the root module is its own group."""
+    return name.rpartition(".")[0] or name
+
+
+def layer_norms(names: Sequence[str], param_norms: torch.Tensor) -> dict[str, Optional[float]]:
+    """Each module's raw gradient norm, from the step's per-parameter norms (one host read): the root sum of
+    squares of its parameters' norms, so that the root sum of squares over modules is grad_norm/raw."""
+    values = param_norms.double().tolist()
+    if len(values) != len(names):
+        raise RuntimeError(f"{len(values)} gradient norms for {len(names)} parameter names")
+    squares: dict[str, float] = {}
+    for name, v in zip(names, values):
+        key = module_of(name)
+        squares[key] = squares.get(key, 0.0) + v * v
+    return {k: _num(math.sqrt(v)) for k, v in squares.items()}
+
+
+def spike_record(*, step: int, batch: int, record: dict[str, Any], m: StepMetrics,
+                 layers: Optional[dict[str, Optional[float]]], top_k: int, samples: list[int]) -> dict[str, Any]:
+    """The spikes.jsonl line of a spike: what was decided, the layers that carried it, and the samples of its
+    global batch (indices into the data set) so they can be found and left out (data.skip_steps=[batch])."""
+    skipped = bool(m.spike) if m.spike is not None else False
+    top = None
+    if layers is not None:
+        finite = [(k, v) for k, v in layers.items() if v is not None]
+        top = [{"module": k, "grad_norm": v} for k, v in sorted(finite, key=lambda kv: -kv[1])[:top_k]]
+    line = {
+        "step": step,
+        "batch": batch,
+        "action": "skipped" if skipped else "clipped",
+        "grad_norm/raw": record["grad_norm/raw"],
+        "train/loss": record["train/loss"],
+        "grad_norm/threshold": record["grad_norm/threshold"],
+        "clip/spike_limit": record.get("clip/spike_limit"),
+        "top_layers": top,
+        "samples": samples,
+    }
+    return line
 
 
 class Sink(Protocol):

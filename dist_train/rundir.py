@@ -30,7 +30,8 @@ from typing import Iterator, Optional
 from dist_train.errors import UsageError, io_error, writing
 
 #: Files dist_train writes at the top of a run directory.
-RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "plot.png", "vocab.json")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "plot.png", "vocab.json", "spikes.jsonl", "per_layer.jsonl",
+             "per_layer.png")
 LOCK = ".dist_train.lock"
 WANDB = "wandb"
 #: What wandb writes under <run dir>/wandb: one folder per run, and links/logs beside them.

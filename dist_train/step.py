@@ -2,11 +2,14 @@
 
     micro-batches (forward, backward; no gradient sync until the last one)
     -> gradients averaged across ranks
-    -> global L2 norm of all gradients, unscaled   (grad_norm_raw; one read of the gradients)
-    -> clip policy decides a threshold              (from its state on the device)
-    -> coef = min(1, threshold / (raw + eps))
+    -> global L2 norm of all gradients, unscaled   (grad_norm_raw; one read of the gradients, which also
+                                                     gives each tensor's norm)
+    -> clip policy decides a threshold              (from its state on the device: past steps only)
+    -> spike skip (clip.skip_sigma), if on          (raw, or the loss, against its window of past steps)
+    -> coef = min(1, threshold / (raw + eps))       (AGC instead scales each unit of each gradient)
     -> optimizer step: gradients divided by loss_scale / coef inside the optimizer's own pass;
-       no update at all when raw is NaN/Inf (decided on the device)
+       no update at all when raw is NaN/Inf or the step is a spike (decided on the device)
+    -> the policy and the spike window record this step, masked: a skipped step enters neither
     -> zero gradients
 
 With a fused optimizer (torch's Adam/AdamW/Adagrad with fused=True; the trainer
@@ -32,13 +35,14 @@ on the device; the caller calls `.item()` only on the steps it logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dist_train.clip import ClipPolicy, clip_coefficient, scale_grads_
+from dist_train.clip import ClipPolicy, SpikeSkip, clip_coefficient, scale_grads_
 from dist_train.strategies.base import Amp, Strategy
 
 __all__ = ["Amp", "Strategy", "StepMetrics", "folds_clipping", "lm_loss", "train_step"]
@@ -72,6 +76,15 @@ class StepMetrics:
     """0-dim bool: True when raw was NaN/Inf (or `halt` was set) and the optimizer step was skipped."""
     loss_scale: Optional[torch.Tensor] = None
     """fp16 GradScaler scale used for this step's backward (None without a scaler)."""
+    spike: Optional[torch.Tensor] = None
+    """0-dim bool: True when the step was skipped as a spike (clip.skip_sigma); None without spike skipping."""
+    spike_clipped: Optional[torch.Tensor] = None
+    """0-dim bool: True when an adaptive policy, past its warm-up, clipped this step (a spike it clipped)."""
+    param_norms: Optional[torch.Tensor] = None
+    """Raw (unscaled, whole) L2 norm of each parameter's gradient, in the order of the step's `params`
+    (0 for a parameter without a gradient); None where the engine computes the norm (DeepSpeed)."""
+    stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """The clip policy's and the spike skip's statistics this step's decisions used (README glossary)."""
 
 
 #: Optimizers whose fused step skips cleanly on found_inf: parameters, state and step counts untouched.
@@ -98,12 +111,16 @@ def train_step(
     eps: float = 1e-6,
     params: Optional[Iterable[torch.nn.Parameter]] = None,
     halt: Optional[torch.Tensor] = None,
+    skip: Optional[SpikeSkip] = None,
 ) -> StepMetrics:
     """One optimizer step over `micro_batches` (this rank's share of the global batch).
 
     `halt` (a 0-dim bool on the device) skips the update whatever the norm: the trainer sets it once
     too many steps in a row were non-finite, so a step run before the host learns of that changes nothing.
     An engine that steps itself (DeepSpeed) ignores it; the trainer then checks the limit every step.
+    `skip` (clip.skip_sigma) skips the update of a step whose raw norm (or loss) is a spike: like a
+    non-finite step, parameters, moments and step counts stay as they were, and neither the policy nor the
+    spike window records it.
     """
     n_micro = len(micro_batches)
     if n_micro == 0:
@@ -128,48 +145,110 @@ def train_step(
     if strategy.engine_steps:
         # The engine reduces, unscales, clips and updates; the threshold comes from past norms only.
         threshold = policy.next_threshold(loss_sum.device)
+        stats, warm = policy.stats(), policy.warm()
         raw, clipped, skipped = strategy.engine_step(threshold)
         taken = torch.tensor(not skipped, device=raw.device)
         policy.observe(raw, taken)
         # Derived from the engine's arithmetic (it reports neither): min(raw, threshold), up to its eps.
         coef = torch.where(raw == 0, torch.ones_like(raw), clipped / raw)
         return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=clipped,
-                           clip_coef=coef, threshold=threshold.float(), skipped=~taken, loss_scale=loss_scale)
+                           clip_coef=coef, threshold=threshold.float(), skipped=~taken, loss_scale=loss_scale,
+                           spike_clipped=_spike_clipped(policy, warm, coef, taken), stats=stats)
 
-    grads = [p.grad for p in params if p.grad is not None]
+    has_grad = [i for i, p in enumerate(params) if p.grad is not None]
+    with_grad = [params[i] for i in has_grad]
+    grads = [p.grad for p in with_grad]
     strategy.average_grads(grads)
+    loss = loss_sum / n_micro
+    d = _Decision(policy, skip, strategy, loss, halt, eps, list(zip(with_grad, grads)))
 
     if folds_clipping(optimizer):
-        raw, coef, threshold, skipped = _fused_step(optimizer, grads, policy, strategy, loss_scale, eps, halt)
+        _fused_step(optimizer, grads, d, strategy, loss_scale)
     else:
-        raw, coef, threshold, skipped = _explicit_step(optimizer, grads, policy, strategy, eps, halt)
+        _explicit_step(optimizer, grads, d, strategy)
     optimizer.zero_grad(set_to_none=True)
 
+    norms = d.each
+    if len(with_grad) != len(params):  # a parameter without a gradient (unused this step): norm 0
+        norms = torch.zeros(len(params), dtype=d.each.dtype, device=d.each.device)
+        norms[has_grad] = d.each
     return StepMetrics(
-        loss=loss_sum / n_micro,
-        grad_norm_raw=raw,
-        grad_norm_clipped=raw * coef,
-        clip_coef=coef,
-        threshold=threshold,
-        skipped=skipped,
+        loss=loss,
+        grad_norm_raw=d.raw,
+        grad_norm_clipped=d.clipped,
+        clip_coef=d.coef,
+        threshold=d.threshold,
+        skipped=d.skipped,
         loss_scale=loss_scale,
+        spike=d.spike,
+        spike_clipped=_spike_clipped(policy, d.warm, d.coef, d.take),
+        param_norms=norms,
+        stats=d.stats,
     )
 
 
-def _fused_step(optimizer, grads, policy, strategy, loss_scale, eps, halt):
+def _spike_clipped(policy: ClipPolicy, warm: torch.Tensor, coef: torch.Tensor, taken: torch.Tensor
+                   ) -> Optional[torch.Tensor]:
+    """A step an adaptive policy clipped with its adaptive threshold (`warm`: past its warm-up, as of before
+    this step), and took: a spike it clipped."""
+    return (coef < 1) & taken & warm.to(coef.device) if policy.flags_spikes else None
+
+
+class _Decision:
+    """What the step does with this step's gradients, decided on the device from the raw norm: the threshold,
+    the coefficient, whether to update at all; and, once the update is done, the records of the policy
+    and the spike window. Shared by the fused and the explicit path."""
+
+    def __init__(self, policy, skip, strategy, loss, halt, eps, pairs):
+        self.policy, self.skip, self.strategy, self.loss, self.halt, self.eps = policy, skip, strategy, loss, halt, eps
+        self.pairs = pairs
+
+    def decide(self, raw: torch.Tensor, each: torch.Tensor, loss_scale: Optional[torch.Tensor]) -> None:
+        """`raw` and `each` are unscaled; the gradients may still carry `loss_scale` (the fused path)."""
+        policy, skip = self.policy, self.skip
+        self.raw, self.each = raw, each
+        self.threshold = policy.threshold(raw)
+        stats, self.warm = policy.stats(), policy.warm()
+        finite = torch.isfinite(raw)
+        ok = finite if self.halt is None else finite & ~self.halt
+        self.spike = None
+        self.take = ok
+        if skip is not None:
+            stats.update(skip.stats())
+            self.loss_global = self.strategy.mean_over_ranks(self.loss) if skip.on != "norm" else self.loss
+            self.spike = skip.spike(raw, self.loss_global) & ok
+            self.take = ok & ~self.spike
+        self.skipped = ~ok
+        if policy.unitwise:
+            # Each unit of each gradient scaled in place (a pass of its own); the optimizer gets coef 1.
+            self.clipped = policy.apply_(self.pairs, loss_scale)
+            self.coef = torch.where(raw > 0, self.clipped / raw, torch.ones_like(raw))
+            self.optimizer_coef = torch.ones_like(raw)
+            stats.update(policy.stats())
+        else:
+            self.coef = self.optimizer_coef = clip_coefficient(raw, self.threshold, self.eps)
+            self.clipped = raw * self.coef
+        self.stats = stats
+
+    def record(self) -> None:
+        """After the update: this step enters the policy's state and the spike window where it was taken."""
+        self.policy.observe(self.raw, self.take)
+        if self.skip is not None:
+            self.skip.observe(self.raw, self.loss_global, self.take, self.spike)
+
+
+def _fused_step(optimizer, grads, d: _Decision, strategy, loss_scale):
     """The step with no host read: the optimizer unscales and clips inside its own pass."""
     # One read of the gradients: the norm of the still-scaled fp16 gradients, divided by the scale.
-    raw = unscaled_norm(strategy.global_norm(grads), loss_scale)
-    threshold = policy.threshold(raw)
-    coef = clip_coefficient(raw, threshold, eps)
-    finite = torch.isfinite(raw)
-    take = finite if halt is None else finite & ~halt
-    found_inf = (~take).float()  # 1: the optimizer leaves parameters, moments and step counts as they are
+    total, each = strategy.grad_norms(grads)
+    d.decide(unscaled_norm(total, loss_scale), unscaled_norm(each, loss_scale), loss_scale)
+    raw, coef, policy = d.raw, d.optimizer_coef, d.policy
+    found_inf = (~d.take).float()  # 1: the optimizer leaves parameters, moments and step counts as they are
     # Each gradient is divided by grad_scale where the optimizer reads it. When nothing is clipped (coef 1)
     # and there is no loss scale, that is a division by exactly 1; an fp16 scale alone is a power of two.
     if loss_scale is not None:
         grad_scale = loss_scale.to(raw.device).float() / coef
-    elif policy.clips:
+    elif policy.clips and not policy.unitwise:
         grad_scale = coef.reciprocal()
     else:
         grad_scale = None
@@ -178,11 +257,10 @@ def _fused_step(optimizer, grads, policy, strategy, loss_scale, eps, halt):
         optimizer.step()
     finally:
         del optimizer.grad_scale, optimizer.found_inf
-    policy.observe(raw, take)
+    d.record()
     scaler = strategy.scaler
     if scaler is not None:
-        update_scale(scaler, optimizer, (~finite).float())
-    return raw, coef, threshold, ~take
+        update_scale(scaler, optimizer, (~torch.isfinite(raw)).float())
 
 
 def unscaled_norm(norm: torch.Tensor, loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -192,26 +270,21 @@ def unscaled_norm(norm: torch.Tensor, loss_scale: Optional[torch.Tensor]) -> tor
     return norm if loss_scale is None else norm / loss_scale.to(norm.device)
 
 
-def _explicit_step(optimizer, grads, policy, strategy, eps, halt):
+def _explicit_step(optimizer, grads, d: _Decision, strategy):
     """The step for an optimizer that cannot take grad_scale/found_inf: separate passes, one host read."""
     strategy.unscale_(optimizer)  # the norm must be taken on true gradients
-    raw = strategy.global_norm(grads)
-    threshold = policy.threshold(raw)
-    coef = clip_coefficient(raw, threshold, eps)
-    if policy.clips:
-        scale_grads_(grads, coef)
-    finite = torch.isfinite(raw)
-    take = finite if halt is None else finite & ~halt
-    # The host read of this path: whether to update at all. A NaN/Inf norm must leave parameters,
-    # optimizer moments and the policy's history untouched.
-    if bool(take):
+    d.decide(*strategy.grad_norms(grads), None)
+    if d.policy.clips and not d.policy.unitwise:
+        scale_grads_(grads, d.coef)
+    # The host read of this path: whether to update at all. A NaN/Inf norm (or a spike) must leave
+    # parameters, optimizer moments and the policy's history untouched.
+    if bool(d.take):
         # Not scaler.step(): it would read the same answer back from the device a second time (its
         # found_inf). A finite raw norm means every gradient is finite, its condition for stepping.
         optimizer.step()
-    policy.observe(raw, take)
+    d.record()
     if strategy.scaler is not None:
         strategy.scaler.update()  # reads unscale_'s found_inf: lowers the scale after an overflow
-    return raw, coef, threshold, ~take
 
 
 def update_scale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -20,11 +20,11 @@ from dist_train import checkpoint as ckpt
 from dist_train import config as C
 from dist_train import strategies
 from dist_train.amp import pick_device
-from dist_train.clip import ClipPolicy, build_policy
+from dist_train.clip import ClipPolicy, SpikeSkip, build_policy, build_spike_skip
 from dist_train.data import GlobalBatches, TokenDataset, build_dataset, split_for_rank
 from dist_train.distributed import DistState
 from dist_train.errors import ConfigError, Stopped, TrainingError, UsageError, io_error, signal_name, writing
-from dist_train.metrics import JsonlSink, Sink, Window, make_record
+from dist_train.metrics import JsonlSink, Sink, Window, layer_norms, make_record, spike_record
 from dist_train.model import build_model, check_model_output
 from dist_train.progress import ProgressReporter, hms
 from dist_train.rundir import RunDir
@@ -66,6 +66,11 @@ class Setup:
     policy: ClipPolicy
     plan: strategies.Plan
     strategy: Strategy
+    skip: Optional[SpikeSkip] = None
+    #: The names of the parameters the step trains, in its order (per-layer norms, spike forensics).
+    param_names: tuple[str, ...] = ()
+    #: Global batches left out (data.skip_steps and its file), 1-based, sorted.
+    skipped_batches: tuple[int, ...] = ()
 
 
 def build(
@@ -111,6 +116,8 @@ def build(
     )
     torch.manual_seed(t.seed + dist.rank)  # per-rank randomness (dropout) from here on
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, t.max_steps))
+    skip = build_spike_skip(cfg.clip)
+    names = tuple(n for n, p in strategy.unwrap(model).named_parameters() if p.requires_grad)
     return Setup(
         cfg=cfg,
         dist=dist,
@@ -120,15 +127,30 @@ def build(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        policy=build_policy(cfg.clip),
+        policy=build_policy(cfg.clip).to(device),
         plan=plan,
         strategy=strategy,
+        skip=skip.to(device) if skip is not None else None,
+        param_names=names,
+        skipped_batches=tuple(C.skipped_batches(cfg.data)),
     )
+
+
+def batch_of(s: Setup, step: int) -> int:
+    """The global batch (0-based, in the data order) optimizer step `step` (0-based) trains on: the step-th
+    batch that data.skip_steps does not leave out."""
+    b = step
+    for skipped in s.skipped_batches:  # sorted, 1-based
+        if skipped - 1 <= b:
+            b += 1
+        else:
+            break
+    return b
 
 
 def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro-batches of optimizer step `step` (0-based), on the device."""
-    idx = s.batches.indices(step)
+    idx = s.batches.indices(batch_of(s, step))
     parts = split_for_rank(idx, s.dist.rank, s.dist.world_size, s.cfg.train.grad_accum_steps)
     pin = s.device.type == "cuda"
     out = []
@@ -147,14 +169,17 @@ def micro_batches(s: Setup, step: int) -> list[tuple[torch.Tensor, torch.Tensor]
 def optimizer_step(s: Setup, step: int, halt: Optional[torch.Tensor] = None) -> StepMetrics:
     """Optimizer step `step` (0-based) of a built setup: the training step, then the LR schedule."""
     m = train_step(
-        s.model, s.optimizer, micro_batches(s, step), s.policy, strategy=s.strategy, eps=s.cfg.clip.eps, halt=halt
+        s.model, s.optimizer, micro_batches(s, step), s.policy, strategy=s.strategy, eps=s.cfg.clip.eps, halt=halt,
+        skip=s.skip,
     )
     s.scheduler.step()
     return m
 
 
 class SkipCounter:
-    """Skipped (non-finite) optimizer steps, counted on the device: the total and the number in a row.
+    """Skipped (non-finite) optimizer steps, counted on the device: the total and the number in a row; and
+    the spikes: steps skipped as spikes (clip.skip_sigma), and spike events (those, and steps an adaptive
+    policy clipped after its warm-up), which get their own row and a line in spikes.jsonl.
 
     The host learns them without stalling the device. After each step a copy of the counts goes to one of
     two host buffers (page-locked on CUDA, non-blocking); the next step, once its own work is queued, reads
@@ -165,22 +190,27 @@ class SkipCounter:
     makes that step update nothing, so learning of the limit one step late changes nothing.
     """
 
-    def __init__(self, device: torch.device, total: int, consecutive: int, limit: int):
+    def __init__(self, device: torch.device, total: int, consecutive: int, limit: int, spikes: int = 0,
+                 events: int = 0):
         self.device = device
         self.limit = limit
-        self.counts = torch.tensor([total, consecutive], dtype=torch.int64, device=device)
+        start = [total, consecutive, spikes, events]
+        self.counts = torch.tensor(start, dtype=torch.int64, device=device)
         self.halt = self.counts[1] >= limit
         cuda = device.type == "cuda"
-        self._host = [torch.tensor([total, consecutive], dtype=torch.int64).pin_memory() if cuda else
-                      torch.tensor([total, consecutive], dtype=torch.int64) for _ in range(2)]
+        self._host = [torch.tensor(start, dtype=torch.int64).pin_memory() if cuda else
+                      torch.tensor(start, dtype=torch.int64) for _ in range(2)]
         self._events: list[Optional[Any]] = [None, None]
         self._last = 0  # the buffer of the latest step
         self._steps = 0
 
-    def add(self, skipped: torch.Tensor) -> None:
-        """Count one step (`skipped`: its 0-dim bool); no host read."""
-        s = skipped.to(torch.int64)
-        self.counts = torch.stack([self.counts[0] + s, (self.counts[1] + s) * s])
+    def add(self, m: StepMetrics) -> None:
+        """Count one step; no host read."""
+        s = m.skipped.to(torch.int64)
+        spike = m.spike.to(torch.int64) if m.spike is not None else torch.zeros_like(s)
+        event = spike | (m.spike_clipped.to(torch.int64) if m.spike_clipped is not None else torch.zeros_like(s))
+        c = self.counts
+        self.counts = torch.stack([c[0] + s, (c[1] + s) * s, c[2] + spike, c[3] + event])
         self.halt = self.counts[1] >= self.limit
         self._last ^= 1
         self._host[self._last].copy_(self.counts, non_blocking=True)
@@ -190,21 +220,23 @@ class SkipCounter:
             self._events[self._last] = event
         self._steps += 1
 
-    def previous(self) -> Optional[tuple[int, int]]:
-        """(total, in a row) as of the step before the latest one; None before the second step counted."""
+    def previous(self) -> Optional[tuple[int, int, int, int]]:
+        """(total, in a row, spikes skipped, spike events) as of the step before the latest one; None before
+        the second step counted."""
         if self._steps < 2:
             return None
         k = self._last ^ 1
         if self._events[k] is not None:
             self._events[k].synchronize()  # that step's copy has landed; the latest step may still run
         # A host buffer read through numpy: no device read (on a CPU, none that a sync counter would see).
-        total, consecutive = self._host[k].numpy().tolist()
-        return total, consecutive
+        total, consecutive, spikes, events = self._host[k].numpy().tolist()
+        return total, consecutive, spikes, events
 
-    def exact(self) -> tuple[int, int]:
-        """(total, in a row) as of the latest step: a host sync (logged steps, checkpoints)."""
-        total, consecutive = self.counts.tolist()
-        return total, consecutive
+    def exact(self) -> tuple[int, int, int, int]:
+        """(total, in a row, spikes skipped, spike events) as of the latest step: a host sync (logged steps,
+        checkpoints)."""
+        total, consecutive, spikes, events = self.counts.tolist()
+        return total, consecutive, spikes, events
 
 
 @dataclass
@@ -214,6 +246,8 @@ class Progress:
     step: int = 0  # optimizer steps done
     skipped_total: int = 0
     consecutive: int = 0  # non-finite steps in a row, up to this step
+    spike_skipped: int = 0  # steps skipped as spikes (clip.skip_sigma)
+    spike_events: int = 0  # steps in spikes.jsonl
     wandb_id: Optional[str] = None
     origin: Optional[str] = None  # the checkpoint a train.resume=PATH started this run's line from
 
@@ -226,6 +260,9 @@ def trainer_state(s: Setup, p: Progress) -> dict[str, Any]:
         "step": p.step,
         "skipped_steps": p.skipped_total,
         "consecutive_nonfinite": p.consecutive,
+        "spike_skipped_steps": p.spike_skipped,
+        "spike_events": p.spike_events,
+        "spike_skip": s.skip.state_dict() if s.skip is not None else None,
         "wandb_id": p.wandb_id,
         "strategy": s.plan.strategy,
         "world_size": s.dist.world_size,
@@ -234,7 +271,8 @@ def trainer_state(s: Setup, p: Progress) -> dict[str, Any]:
         "scaler": scaler.state_dict() if scaler is not None else None,
         # Batches are addressed by step: the step is the data position. These say which data it indexes.
         "data": {"num_samples": len(s.dataset), "global_batch_size": s.cfg.train.global_batch_size,
-                 "seed": s.cfg.train.seed},
+                 "seed": s.cfg.train.seed, "skipped_batches": list(s.skipped_batches),
+                 "next_batch": batch_of(s, p.step)},
         "rng": s.dist.gather(ckpt.rng_state()),  # one per rank
         "vocab": s.dataset.itos,
         "config": C.to_dict(s.cfg),
@@ -309,6 +347,11 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
         raise ConfigError(f"train.resume: the data set differs from the checkpoint's ({len(s.dataset)} samples now, "
                           f"{data.get('num_samples')} then, or another vocabulary): the steps would address other "
                           "samples; resume with the same data, or start a new run")
+    before = [b for b in data.get("skipped_batches", []) if b <= data.get("next_batch", 0)]
+    if before != [b for b in s.skipped_batches if b <= data.get("next_batch", 0)]:
+        raise ConfigError(f"train.resume: data.skip_steps leaves out other batches before the checkpoint's step "
+                          f"{state['step']} than the run that wrote it ({before or 'none'} up to batch "
+                          f"{data.get('next_batch', 0)}); keep those, and add only batches after it")
     s.scheduler.load_state_dict(state["scheduler"])
     apply_optim_config(s)
     policy = state["clip_policy"]
@@ -317,6 +360,11 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
     else:
         log.warning("the checkpoint's clip policy is %s and this run's %s: %s starts afresh",
                     policy["name"], s.policy.name, s.policy.name)
+    if s.skip is not None:
+        if state.get("spike_skip") is not None:
+            s.skip.load_state_dict(state["spike_skip"])
+        else:
+            log.warning("the checkpoint was written without clip.skip_sigma: its spike window starts empty")
     scaler = s.strategy.scaler
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -328,7 +376,8 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
                     "start afresh, so the trajectory is not the one an uninterrupted run would take",
                     len(rng), s.dist.world_size)
     return Progress(step=state["step"], skipped_total=state["skipped_steps"],
-                    consecutive=state["consecutive_nonfinite"], wandb_id=state.get("wandb_id"))
+                    consecutive=state["consecutive_nonfinite"], wandb_id=state.get("wandb_id"),
+                    spike_skipped=state.get("spike_skipped_steps", 0), spike_events=state.get("spike_events", 0))
 
 
 def check_checkpoint(s: Setup, folder: Path) -> Optional[str]:
@@ -371,6 +420,18 @@ class Outputs:
     jsonl: JsonlSink
     sinks: list[Sink]
     wandb: Optional[Any] = None  # the WandbSink, when W&B is not disabled
+    spikes: list[Sink] = dataclasses.field(default_factory=list)  # spikes.jsonl
+    layers: list[Sink] = dataclasses.field(default_factory=list)  # per_layer.jsonl and W&B
+
+    def metric_sinks(self) -> list[Sink]:
+        """The sinks of the metrics rows (`sinks` also holds the other files, so that all are closed)."""
+        return [k for k in self.sinks if k not in self.spikes and k not in self.layers or k is self.wandb]
+
+
+#: One line per spike (skipped, or clipped by an adaptive policy): the forensics of spike skipping.
+SPIKES = "spikes.jsonl"
+#: One line per logging.per_layer_every step: each module's raw gradient norm.
+PER_LAYER = "per_layer.jsonl"
 
 
 def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Progress]) -> Outputs:
@@ -391,11 +452,21 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Pro
             dropped = ckpt.drop_newer(run_dir.path / ckpt.DIR, step)
             if dropped:
                 log.warning("resuming from step %d discards the later checkpoints %s", step, ", ".join(dropped))
-        metrics = run_dir.path / "metrics.jsonl"
-        if not (resume and metrics.exists()):
-            run_dir.wrote("metrics.jsonl")
-        jsonl = JsonlSink(metrics, keep_through=resumed.step if resumed is not None else (0 if resume else None))
+        keep = resumed.step if resumed is not None else (0 if resume else None)
+
+        def open_jsonl(name: str) -> JsonlSink:
+            path = run_dir.path / name
+            if not (resume and path.exists()):
+                run_dir.wrote(name)
+            return JsonlSink(path, keep_through=keep)
+
+        jsonl = open_jsonl("metrics.jsonl")
         out = Outputs(run_dir, jsonl, [jsonl])
+        out.spikes.append(open_jsonl(SPIKES))
+        out.sinks.append(out.spikes[0])  # closed with the others
+        if cfg.logging.per_layer_every:
+            out.layers.append(open_jsonl(PER_LAYER))
+            out.sinks.append(out.layers[0])
         if cfg.logging.wandb.mode != C.WandbMode.disabled:
             from dist_train.wandb_sink import WandbSink
 
@@ -404,6 +475,8 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Pro
             out.wandb = WandbSink(cfg.logging.wandb, run_dir.path, cfg.run.name or run_dir.path.resolve().name,
                                   C.to_dict(cfg), run_id=resumed.wandb_id if resumed is not None else None)
             out.sinks.append(out.wandb)
+            if cfg.logging.per_layer_every:
+                out.layers.append(out.wandb)
         return out
     except BaseException:
         run_dir.finish(discard=True)
@@ -443,15 +516,18 @@ class Outcome:
 
 
 def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[StopSignal] = None,
-        start: Optional[Progress] = None, checkpoint: Optional[Callable[[Progress], None]] = None) -> Outcome:
+        start: Optional[Progress] = None, checkpoint: Optional[Callable[[Progress], None]] = None,
+        spike_sinks: Sequence[Sink] = (), layer_sinks: Sequence[Sink] = ()) -> Outcome:
     """The loop, from `start` (a resumed run's progress) to train.max_steps. Stops early, after a complete
     optimizer step, when a stop signal was received. `checkpoint` is called on every rank after every
     train.checkpoint_every steps (the trainer writes the last one itself).
 
     A step that is not logged reads nothing back from the device (checkpoint steps and
-    dist.check_sync_every steps read too). Logged steps are those of logging.every, the last one, the one a
-    stop signal ends on, and every skipped step: the host learns of a skip one step late (`SkipCounter`)
-    and then logs the skipped step's own row, in order. The run stops when clip.max_consecutive_nonfinite
+    dist.check_sync_every steps read too). Logged steps are those of logging.every and
+    logging.per_layer_every, the last one, the one a stop signal ends on, every skipped step and every
+    spike (skipped, or clipped by an adaptive policy): the host learns of those one step late
+    (`SkipCounter`) and then logs that step's own row, in order, and its line in spikes.jsonl
+    (`spike_sinks`). The run stops when clip.max_consecutive_nonfinite
     steps in a row were skipped: at that step when it is logged anyway, otherwise one step later, and that
     later step updates nothing (it is halted on the device). Under an engine that decides skips on the
     host itself (DeepSpeed), the counts are read every step, and the run stops at the limit.
@@ -462,27 +538,47 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     vote = s.dist.stop_vote()
     p = dataclasses.replace(start) if start is not None else Progress()
     out = Outcome(progress=p)
-    skips = SkipCounter(s.device, p.skipped_total, p.consecutive, cfg.clip.max_consecutive_nonfinite)
-    known_total = p.skipped_total  # the skips the host has reported
+    skips = SkipCounter(s.device, p.skipped_total, p.consecutive, cfg.clip.max_consecutive_nonfinite,
+                        p.spike_skipped, p.spike_events)
+    known = (p.skipped_total, p.spike_events)  # the skips and spike events the host has reported
     # The engine reads its skip on the host anyway: nothing to gain from learning it a step late.
     immediate = s.strategy.engine_steps
+    every_layer = cfg.logging.per_layer_every
     # (step, metrics, lr, logged, the time its work was queued by) of the last step
     prev: Optional[tuple[int, StepMetrics, float, bool, float]] = None
 
-    def log_row(n: int, m: StepMetrics, lr: float, total: int, consecutive: int, advance: bool,
+    def log_row(n: int, m: StepMetrics, lr: float, counts: tuple[int, int, int, int], advance: bool,
                 t_end: Optional[float] = None) -> None:
         """Step n's row; the logging window ends at t_end (a deferred row: the end of step n, not now)."""
+        total, consecutive, spikes, _ = counts
         record = None
         loss = s.dist.mean(m.loss)  # collective: every rank takes part
         if s.dist.is_main:
             record = make_record(step=n, loss=loss, m=m, window=window, lr=lr, skipped_total=total,
-                                 tokens_per_sample=cfg.model.block_size, t_end=t_end)
+                                 tokens_per_sample=cfg.model.block_size, t_end=t_end,
+                                 spike_skipped_total=spikes if s.skip is not None else None)
             for sink in sinks:
                 sink.log(record)
+            layers = None
+            if m.param_norms is not None and (spike_sinks or layer_sinks):
+                layers = layer_norms(s.param_names, m.param_norms)
+            if spike_sinks and is_spike(m):
+                batch = batch_of(s, n - 1)
+                line = spike_record(step=n, batch=batch + 1, record=record, m=m, layers=layers,
+                                    top_k=cfg.logging.spike_top_k, samples=s.batches.indices(batch).tolist())
+                for sink in spike_sinks:
+                    sink.log(line)
+            if layers is not None and every_layer and n % every_layer == 0:
+                row = {"step": n, **{f"grad_norm_layer/{k}": v for k, v in layers.items()}}
+                for sink in layer_sinks:
+                    sink.log(row)
         window.reset(t_end)
         if record is not None and record["optim/step_skipped"]:
             progress.message(f"dist-train: step {n}: non-finite gradient norm, optimizer step skipped "
                              f"({consecutive} in a row)")
+        elif record is not None and record.get("optim/spike_skipped"):
+            progress.message(f"dist-train: step {n}: gradient-norm spike ({record['grad_norm/raw']:.4g} > "
+                             f"{record['clip/spike_limit']:.4g}), optimizer step skipped; see spikes.jsonl")
         progress.step(record, advance=advance)
 
     def check_limit(n: int, consecutive: int) -> None:
@@ -496,51 +592,65 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
                 f"gradient norm (clip.max_consecutive_nonfinite={cfg.clip.max_consecutive_nonfinite}); {hint}"
             )
 
+    def news(counts: tuple[int, int, int, int]) -> bool:
+        """Whether `counts` hold a skip or a spike the host has not reported yet (then remembered)."""
+        nonlocal known
+        now = (counts[0], counts[3])
+        fresh = now != known
+        known = now
+        return fresh
+
     s.model.train()
     for step in range(p.step, t.max_steps):
         lr = s.optimizer.param_groups[0]["lr"]
         m = optimizer_step(s, step, halt=skips.halt)
         t_step = time.perf_counter()
-        skips.add(m.skipped)
+        skips.add(m)
         n = p.step = step + 1
         late = None if immediate else skips.previous()  # the counts after step n - 1, not waiting for step n
         if late is not None and prev is not None and not prev[3]:
-            total, consecutive = late
-            if total > known_total:  # step n - 1 was skipped: its own row, before step n's
-                known_total = total
-                log_row(prev[0], prev[1], prev[2], total, consecutive, advance=False, t_end=prev[4])
-            check_limit(prev[0], consecutive)
+            if news(late):  # step n - 1 was skipped or a spike: its own row, before step n's
+                log_row(prev[0], prev[1], prev[2], late, advance=False, t_end=prev[4])
+            check_limit(prev[0], late[1])
         window.add(m, t.global_batch_size)
         # Every rank learns the same answer at the same step, so the last step is logged by all.
         stop_now = vote.poll(stop is not None and stop.requested) and n < t.max_steps
-        logged = n % cfg.logging.every == 0 or n == t.max_steps or stop_now
+        logged = (n % cfg.logging.every == 0 or n == t.max_steps or stop_now
+                  or bool(every_layer and n % every_layer == 0))
+        counts = None
         if immediate and not logged:
-            logged = skips.exact()[0] > known_total  # a skipped step: its row now
+            counts = skips.exact()
+            logged = (counts[0], counts[3]) != known  # a skipped step or a spike: its row now
         if logged:
-            total, consecutive = skips.exact()
-            known_total = total
-            log_row(n, m, lr, total, consecutive, advance=True)
+            counts = skips.exact()
+            news(counts)
+            log_row(n, m, lr, counts, advance=True)
         else:
             progress.step(None)
         prev = (n, m, lr, logged, t_step)
         if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
             check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
         if logged:
-            check_limit(n, consecutive)
+            check_limit(n, counts[1])
         if stop_now:
             out.stopped_by = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
             break
         if checkpoint is not None and t.checkpoint_every and n % t.checkpoint_every == 0 and n < t.max_steps:
-            p.skipped_total, p.consecutive = skips.exact()
-            if p.skipped_total > known_total:  # step n was skipped: its row goes out before its checkpoint
-                known_total = p.skipped_total
-                log_row(n, m, lr, p.skipped_total, p.consecutive, advance=False)
+            counts = skips.exact()
+            p.skipped_total, p.consecutive, p.spike_skipped, p.spike_events = counts
+            if news(counts):  # step n was skipped or a spike: its row goes out before its checkpoint
+                log_row(n, m, lr, counts, advance=False)
                 prev = (n, m, lr, True, t_step)
                 check_limit(n, p.consecutive)
             checkpoint(p)
     vote.close()
-    p.skipped_total, p.consecutive = skips.exact()
+    p.skipped_total, p.consecutive, p.spike_skipped, p.spike_events = skips.exact()
     return out
+
+
+def is_spike(m: StepMetrics) -> bool:
+    """Whether step `m` was skipped as a spike or clipped as one by an adaptive policy (a host read)."""
+    return bool((m.spike is not None and m.spike) or (m.spike_clipped is not None and m.spike_clipped))
 
 
 def _finish(steps: list[tuple[str, Callable[[], None]]], primary: Optional[BaseException]) -> None:
@@ -617,8 +727,9 @@ def train(
         saved = save_checkpoint(s, run_dir.path, p)
 
     try:
-        outcome = run(s, out.sinks if out is not None else [], progress, stop, start,
-                      checkpoint if cfg.train.checkpoint else None)
+        outcome = run(s, out.metric_sinks() if out is not None else [], progress, stop, start,
+                      checkpoint if cfg.train.checkpoint else None,
+                      spike_sinks=out.spikes if out is not None else (), layer_sinks=out.layers if out is not None else ())
         if cfg.train.checkpoint:
             checkpoint(outcome.progress)  # the end, or where a stop signal left it
     except BaseException as e:

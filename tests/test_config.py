@@ -36,7 +36,7 @@ def test_overrides_apply_with_types():
         (["clip.max_norm=-1"], "'clip.max_norm': must be finite and > 0"),
         (["train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
         (["train.global_batch_size=30", "train.grad_accum_steps=4"], "not divisible"),
-        (["clip.policy=zscore"], "unknown policy 'zscore'"),
+        (["clip.policy=zclip"], "unknown policy 'zclip'; choose one of none, fixed, zscore, percentile, agc"),
         (["data.text_file=/nonexistent/file.txt"], "'data.text_file': file"),
         (["model.factory=nosuchpkg.mod:build"], "cannot import module 'nosuchpkg.mod'"),
         (["model.factory=no_colon"], "not of the form"),

@@ -85,9 +85,10 @@ def _reference(accum: int, world_size: int = 2, precision: Precision = Precision
     return _run(build(_cfg(accum * world_size), DistState(), CPU, plan=Plan("single", precision)))
 
 
-def _local_shard_norm(grads):
+def _local_shard_norms(grads):
     """The common bug: the norm of this rank's shard, logged as if it were the model's."""
-    return torch.nn.utils.get_total_norm([g.to_local() for g in grads])
+    local = [g.to_local() for g in grads]
+    return torch.nn.utils.get_total_norm(local), torch.stack([g.norm() for g in local])
 
 
 # ---- FSDP2 ---------------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def _fsdp_worker():
         out = {f"accum{a}": _run(build(_cfg(a, "dist.strategy=fsdp"), state, CPU)) for a in (1, 4)}
         s = build(_cfg(1, "dist.strategy=fsdp"), state, CPU)
         out["units"] = s.strategy.units
-        s.strategy.global_norm = _local_shard_norm
+        out["n_params"] = sum(1 for _ in s.model.parameters())
+        s.strategy.grad_norms = _local_shard_norms
         out["local_norm"] = _run(s)
         ddp = build(_cfg(1, "dist.strategy=ddp"), state, CPU)
         assert ddp.plan.strategy == "ddp"
@@ -139,13 +141,15 @@ def test_negative_control_one_shards_norm_fails_the_check(fsdp_results):
             assert_raw_norms_match(rank["local_norm"], ref)
 
 
-def test_fsdp_norm_costs_exactly_one_scalar_collective_and_one_reduce_scatter_per_unit(fsdp_results):
+def test_fsdp_norm_costs_exactly_one_small_collective_and_one_reduce_scatter_per_unit(fsdp_results):
+    """The norm is one all-reduce of the per-tensor sums of squares (one number per parameter tensor, which
+    also gives the per-layer norms), never one per tensor, and never a gather of gradients."""
     for rank in fsdp_results:
         units = rank["units"]
         assert units == 3  # two blocks and the root
         for accum in (1, 4):
             for calls in rank[f"accum{accum}"]["calls"]:
-                assert [c for c in calls if c[0] == "all_reduce"] == [("all_reduce", 1)], calls
+                assert [c for c in calls if c[0] == "all_reduce"] == [("all_reduce", rank["n_params"])], calls
                 # Gradients are reduced once per optimizer step, after the last micro-batch only.
                 assert sum(c[0] == "reduce_scatter_single" for c in calls) == units, (accum, calls)
 

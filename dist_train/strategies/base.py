@@ -10,7 +10,8 @@
     loss_scale      the fp16 loss scale this step's backward used, as a device tensor
     unscale_        divide fp16 gradients by the loss scale, before the norm (only on the explicit
                     path: a fused optimizer unscales inside its own pass)
-    global_norm     the L2 norm of the whole model's gradients, over every shard
+    grad_norms      the L2 norm of the whole model's gradients, over every shard, and each tensor's
+    mean_over_ranks a loss averaged over ranks (only for spike skipping on the loss)
 
 A strategy whose engine reduces, unscales, clips and updates inside its own
 step (DeepSpeed: `engine_steps`) supplies `engine_step` for that part instead.
@@ -91,9 +92,15 @@ class Strategy:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """L2 norm over every gradient of the model (all shards), a 0-dim fp32 tensor."""
-        return global_norm(grads)
+    def grad_norms(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2 norm over every gradient of the model (all shards), a 0-dim fp32 tensor; the L2 norm of each
+        gradient tensor, whole, a vector in the order of `grads`)."""
+        return grad_norms(grads)
+
+    def mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a 0-dim tensor over ranks (a collective where distributed)."""
+        dist = getattr(self, "dist", None)
+        return t if dist is None else dist.mean(t)
 
     def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Only where `engine_steps`: reduce, unscale, clip at `threshold` and update inside the engine;
@@ -154,22 +161,29 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients, whether plain tensors or sharded DTensors.
+    """The L2 norm of all gradients (see `grad_norms`)."""
+    return grad_norms(grads)[0]
 
-    Plain tensors: each rank already holds the whole (averaged) gradient.
-    DTensors sharded over a 1-D mesh: each rank's local shards give a partial sum
-    of squares; one all-reduce of that scalar (in fp64, so no square overflows)
-    gives the whole model's norm. That is the only collective here, and it makes
-    the norm identical on every rank. Taking one rank's local norm instead is the
-    bug this exists to avoid (it is about 1/sqrt(world) of the true norm).
+
+def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The L2 norm of all gradients, and of each gradient tensor, whether plain tensors or sharded DTensors.
+
+    Plain tensors: each rank already holds the whole (averaged) gradient. The per-tensor norms are one
+    `_foreach_norm` and the total is their norm: the arithmetic of torch.nn.utils.get_total_norm, so the
+    total equals it bit for bit, and the per-tensor norms cost nothing extra.
+    DTensors sharded over a 1-D mesh: each rank's local shards give partial sums of squares, one per tensor;
+    one all-reduce of that vector (in fp64, so no square overflows) gives every tensor's whole norm and
+    the model's. That is the only collective here, and it makes the norms identical on every rank. Taking
+    one rank's local norm instead is the bug this exists to avoid (about 1/sqrt(world) of the true norm).
     """
     if not grads:
-        return torch.zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero, zero.reshape(0)
     from torch.distributed.tensor import DTensor
 
     sharded = [g for g in grads if isinstance(g, DTensor)]
     if not sharded:
-        return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+        return _total_and_each(grads)
     if len(sharded) != len(grads):
         raise RuntimeError("gradients mix sharded and plain tensors; wrap the whole model with fully_shard")
     mesh = sharded[0].device_mesh
@@ -178,7 +192,24 @@ def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         raise RuntimeError("the global gradient norm supports gradients sharded over one 1-D device mesh only")
     import torch.distributed as dist
 
-    local = torch.nn.utils.get_total_norm([g.to_local() for g in sharded], norm_type=2.0)
+    _, local = _total_and_each([g.to_local() for g in sharded])
     squares = local.double().square()
     dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=mesh.get_group())
-    return squares.sqrt().float()
+    return squares.sum().sqrt().float(), squares.sqrt().float()
+
+
+def _total_and_each(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_total_norm's arithmetic (foreach norms per device and dtype, then the norm of their stack), keeping
+    the stack, in the order of `tensors`."""
+    first = tensors[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    norms: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    for idx in groups.values():
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2.0)):
+            norms[i] = n.to(first)
+    each = torch.stack(norms)  # type: ignore[arg-type]
+    order = [i for idx in groups.values() for i in idx]  # get_total_norm stacks them in group order
+    total = torch.linalg.vector_norm(each if order == sorted(order) else each[order], 2.0)
+    return total.float(), each.float()

@@ -8,7 +8,8 @@
   FSDP2's `no_sync`: gradients accumulate unsharded and nothing is reduced, so each
   unit reduce-scatters once per optimizer step.
 - Norm: each rank holds one shard of every gradient. The global norm is the local
-  sum of squares plus one scalar all-reduce (`base.global_norm`), never one shard's norm.
+  sums of squares, one per tensor, plus one all-reduce of that vector (`base.grad_norms`), never one shard's
+  norm; the same reduction gives each tensor's whole norm (per-layer norms, spike forensics).
 - Mixed precision (`MixedPrecisionPolicy`): bf16 and fp16 all-gather parameters in
   that dtype and compute in it, and reduce-scatter gradients in fp32; the sharded
   parameters, gradients and optimizer state stay fp32. fp16 adds torch's GradScaler:
