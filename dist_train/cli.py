@@ -50,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="deliberately break training to see verify fail (self-test)")
     v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
 
-    pl = sub.add_parser("plot", help="plot loss and raw vs clipped grad norm of a run")
+    pl = sub.add_parser("plot", help="plot loss and raw vs clipped grad norm of a run (and its per-layer norms)")
     pl.add_argument("run_dir")
-    pl.add_argument("--out", help="output PNG (default: RUN_DIR/plot.png)")
+    pl.add_argument("--out", help="output PNG (default: RUN_DIR/plot.png; the per-layer heatmap, when the run has "
+                    "one, goes beside it as <name>_per_layer.png, default RUN_DIR/per_layer.png)")
 
     pr = sub.add_parser(
         "prepare", help="turn UTF-8 text (a file or a folder) into a token file for data.token_file",
@@ -177,12 +178,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from dist_train.plot import plot_run
+    from dist_train.plot import layers_path, plot_layers, plot_run
 
     out = plot_run(args.run_dir, args.out)
     if out is None:
         raise UsageError(f"'{args.run_dir}' has no logged step yet; nothing to plot")
     print(out)
+    layers = plot_layers(args.run_dir, layers_path(args.run_dir, args.out))
+    if layers is not None:
+        print(layers)
     return 0
 
 

@@ -83,6 +83,8 @@ def make_record(
     if spike_skipped_total is not None:  # spike skipping is on
         rec["optim/spike_skipped"] = int(bool(m.spike)) if m.spike is not None else 0
         rec["optim/spike_skipped_steps"] = spike_skipped_total
+        if rec["optim/spike_skipped"]:
+            rec["grad_norm/clipped"] = None  # nothing was applied
     for key, value in m.stats.items():
         rec[key] = _num(value.item())
     if m.loss_scale is not None:

@@ -1,4 +1,5 @@
-"""`dist-train plot RUN_DIR`: loss, and raw vs clipped gradient norm with the threshold."""
+"""`dist-train plot RUN_DIR`: loss, and raw vs clipped gradient norm with the threshold (plot.png); and, for a
+run with logging.per_layer_every, each module's raw gradient norm over the steps as a heatmap (per_layer.png)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
             ax_norm.plot(xs, ys, label="threshold", color="black", linestyle="--")
         skipped = [r["step"] for r in records if r.get("optim/step_skipped")]
         for i, s in enumerate(skipped):
-            ax_norm.axvline(s, color="orange", alpha=0.6, label="skipped step" if i == 0 else None)
+            ax_norm.axvline(s, color="orange", alpha=0.6, label="skipped step (non-finite)" if i == 0 else None)
+        spikes = [r["step"] for r in records if r.get("optim/spike_skipped")]
+        for i, s in enumerate(spikes):
+            ax_norm.axvline(s, color="purple", alpha=0.4, linestyle=":", label="skipped spike" if i == 0 else None)
         if any(v > 0 for v in raw[1] + ys):
             ax_norm.set_yscale("log")  # a log axis needs a positive value to show
         if not raw[0]:
@@ -63,6 +67,58 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
         ax_norm.set_ylabel("global grad norm")
         ax_norm.grid(alpha=0.3, which="both")
         ax_norm.legend(loc="best")
+        fig.tight_layout()
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def layers_path(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
+    """Where the per-layer heatmap goes: RUN_DIR/per_layer.png, or beside `out` (the main plot's path)."""
+    if out is None:
+        return Path(run_dir) / "per_layer.png"
+    out = Path(out)
+    return out.with_name(f"{out.stem}_per_layer.png")
+
+
+def plot_layers(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[Path]:
+    """Write the per-layer heatmap of RUN_DIR/per_layer.jsonl (modules x logged steps, log10 of the raw gradient
+    norm) to `out` (default RUN_DIR/per_layer.png); None when the run logged no per-layer norms."""
+    path = Path(run_dir) / "per_layer.jsonl"
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    if not rows:
+        return None
+    out_path = Path(out) if out is not None else layers_path(run_dir)
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    prefix = "grad_norm_layer/"
+    modules = list(dict.fromkeys(k[len(prefix):] for r in rows for k in r if k.startswith(prefix)))
+    grid = np.full((len(modules), len(rows)), np.nan)
+    for j, r in enumerate(rows):
+        for i, m in enumerate(modules):
+            v = r.get(prefix + m)
+            if v is not None and v > 0:
+                grid[i, j] = math.log10(v)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.25 * len(rows) + 4)), max(3.0, 0.3 * len(modules) + 1.5)))
+    try:
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(len(modules)), modules, fontsize=7)
+        ticks = sorted(set(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int)))
+        ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{Path(run_dir).resolve().name}: raw gradient norm per module (log10)")
+        fig.colorbar(image, ax=ax, label="log10 grad norm")
         fig.tight_layout()
         with atomic_path(out_path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")

@@ -497,6 +497,9 @@ def startup_summary(s: Setup, out: Outputs, resumed: bool = False) -> list[str]:
     ]
     if s.device.type == "cpu" and s.plan.precision != C.Precision.no:
         lines.append("dist-train: note: bf16 and fp16 on a CPU are often slower than fp32 (about 2x for the debug model)")
+    if cfg.logging.per_layer_every and s.strategy.engine_steps:
+        lines.append("dist-train: note: logging.per_layer_every logs nothing under DeepSpeed: its engine computes the "
+                     "gradient norm inside its own step, over its partitions, and reports the total only")
     if out.wandb is None:
         lines.append("dist-train: W&B disabled")
     elif out.wandb.sync_dir is not None:
@@ -744,9 +747,10 @@ def train(
             logged = out.jsonl.rows > 0 or saved is not None  # a checkpoint is kept even before a logged row
             steps = [(f"closing {type(k).__name__}", functools.partial(k.close, code)) for k in out.sinks]
             if logged:
-                from dist_train.plot import plot_run
+                from dist_train.plot import plot_layers, plot_run
 
                 steps.append(("drawing the plot", lambda: plot_run(run_dir.path)))
+                steps.append(("drawing the per-layer plot", lambda: plot_layers(run_dir.path)))
             steps.append(("releasing the run directory", lambda: run_dir.finish(discard=code != 0 and not logged)))
             _finish(steps, primary)
     if outcome.stopped_by is not None:  # the step it stopped after is always logged

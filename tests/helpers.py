@@ -139,3 +139,29 @@ class SignalAt(nn.Module):
             if self.sleep:
                 time.sleep(self.sleep)
         return self.inner(x)
+
+
+def spike_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """model.factory: TinyGPT whose training forward multiplies the logits by SPIKE_FACTOR (default 30) when
+    a row of its input is the token sequence SPIKE_TOKENS (comma-separated): a loss spike caused by one
+    sample, so it follows the data (a rerun that leaves its batch out has none). Unset: a plain TinyGPT."""
+    tokens = [int(t) for t in os.environ.get("SPIKE_TOKENS", "").split(",") if t]
+    return SpikeOn(TinyGPT(cfg, vocab_size), tokens, float(os.environ.get("SPIKE_FACTOR", "30")))
+
+
+class SpikeOn(nn.Module):
+    def __init__(self, inner: nn.Module, tokens: list[int], factor: float):
+        super().__init__()
+        self.inner = inner
+        self.tokens = torch.tensor(tokens, dtype=torch.long) if tokens else None
+        self.factor = factor
+        self.spiked = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.training and self.tokens is not None and self.tokens.numel() == x.shape[1]:
+            hit = (x == self.tokens.to(x.device)).all(dim=1).any()
+            if hit:  # a host read, in a test model only
+                self.spiked += 1
+                out = out * self.factor
+        return out

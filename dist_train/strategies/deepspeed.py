@@ -196,8 +196,14 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
         need = "this step's gradient norm before clipping" if policy.needs_current_norm else "per-parameter gradients"
         raise ConfigError(
             f"config key 'clip.policy': '{policy.name}' needs {need}, which DeepSpeed's engine does not give (it clips "
-            "inside its own step, over partitioned gradients); use a policy whose threshold depends on past norms "
-            "only (fixed), or another dist.strategy")
+            "inside its own step, over partitioned gradients, and a ZeRO partition breaks a weight's rows); use a "
+            "policy whose threshold depends on past norms only (fixed, zscore, percentile), or dist.strategy=ddp "
+            "or fsdp")
+    if cfg.clip.skip_sigma:
+        raise ConfigError(
+            "config key 'clip.skip_sigma': spike skipping decides from this step's gradient norm before the update, "
+            "and DeepSpeed's engine computes that norm inside its own step, which then updates; remove "
+            "clip.skip_sigma (an adaptive clip.policy still works), or use dist.strategy=ddp or fsdp")
     if cfg.clip.eps != 1e-6:
         raise ConfigError("config key 'clip.eps': DeepSpeed's engine clips with eps 1e-6 and cannot be told "
                           "another; remove clip.eps (or set it to 1e-6)")

@@ -1,0 +1,197 @@
+"""Spike skipping, spike forensics, data.skip_steps, per-layer norms and the policies' state across a resume,
+on one process (the multi-process equivalents are in test_adaptive_strategies.py).
+
+The planted spike is data-caused: tests.helpers:spike_gpt multiplies the logits by 30 when one chosen
+sample is in the batch, so the spike follows that sample, and a rerun that leaves its batch out has none.
+The data is a text of random letters, so that every sample is unique (the synthetic task repeats its
+sequences).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dist_train.cli import main
+from dist_train.config import load_config
+from dist_train.metrics import read_jsonl
+from dist_train.trainer import batch_of, build, optimizer_step
+from tests.conftest import DEBUG
+
+CPU = torch.device("cpu")
+SPIKE_STEP = 10  # 1-based: the step (and batch) whose batch holds the spiking sample
+SMALL = ["train.global_batch_size=16", "model.d_model=32", "optim.warmup_steps=2", "optim.schedule=constant",
+         "logging.progress=plain", "logging.wandb.mode=disabled"]
+SKIP = ["clip.skip_sigma=4", "clip.skip_window=16", "clip.skip_min_steps=4"]
+
+
+def _cfg(*extra):
+    return load_config(DEBUG, [*SMALL, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def text_file(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "letters.txt"
+    path.write_text("".join(rng.choice("abcdefghijklmnopqrst ") for _ in range(60_000)))
+    SMALL.append(f"data.text_file={path}")
+    yield path
+    SMALL.remove(f"data.text_file={path}")
+
+
+@pytest.fixture(scope="module")
+def spike_env():
+    """SPIKE_TOKENS = the first sample of batch SPIKE_STEP (0-based SPIKE_STEP - 1) of the data order."""
+    s = build(_cfg(), device=CPU)
+    samples = s.batches.indices(SPIKE_STEP - 1)
+    tokens = s.dataset.windows(samples[:1])[0, :-1]
+    old = dict(os.environ)
+    os.environ["SPIKE_TOKENS"] = ",".join(str(t) for t in tokens.tolist())
+    yield samples.tolist()
+    os.environ.clear()
+    os.environ.update(old)
+
+
+def _snapshot(s):
+    opt = [{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for st in s.optimizer.state.values()]
+    return [p.detach().clone() for p in s.model.parameters()], opt
+
+
+def _same(a, b) -> bool:
+    params_equal = all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    state_equal = all(torch.equal(x[k], y[k]) for x, y in zip(a[1], b[1]) for k in x)
+    return params_equal and state_equal
+
+
+def test_a_planted_spike_is_skipped_and_nothing_moves(spike_env):
+    s = build(_cfg(*SKIP, "model.factory=tests.helpers:spike_gpt"), device=CPU)
+    for step in range(SPIKE_STEP + 1):
+        before, window = _snapshot(s), s.skip.state_dict()
+        m = optimizer_step(s, step)
+        after = _snapshot(s)
+        if step == SPIKE_STEP - 1:
+            assert bool(m.spike) and not bool(m.skipped), "the spike is skipped as a spike, not as non-finite"
+            assert _same(before, after), "parameters, AdamW moments or step counts changed on a skipped spike"
+            assert all(torch.equal(window[k], v) for k, v in s.skip.state_dict().items() if k != "run")
+            assert s.optimizer.state[next(s.model.parameters())]["step"].item() == SPIKE_STEP - 1
+        else:
+            assert not bool(m.spike), step
+            assert not _same(before, after), f"step {step + 1} should have updated (the check above can fail)"
+    assert s.strategy.unwrap(s.model).spiked == 1
+
+
+def test_without_skip_sigma_the_spike_is_applied(spike_env):
+    """Negative control: the planted sample does reach the weights when spike skipping is off."""
+    s = build(_cfg("model.factory=tests.helpers:spike_gpt"), device=CPU)
+    for step in range(SPIKE_STEP):
+        before = _snapshot(s)
+        m = optimizer_step(s, step)
+    assert m.spike is None and not _same(before, _snapshot(s))
+
+
+@pytest.fixture(scope="module")
+def spike_runs(tmp_path_factory, spike_env):
+    """The CLI run with the planted spike, and reruns leaving its batch out by data.skip_steps and by the file."""
+    root = tmp_path_factory.mktemp("spikes")
+    base = ["train", "-c", str(DEBUG), *SMALL, *SKIP, "model.factory=tests.helpers:spike_gpt", "train.max_steps=14",
+            "logging.every=1", "logging.per_layer_every=3"]
+    assert main([*base, f"run.out_dir={root / 'spiked'}", "logging.wandb.mode=offline"]) == 0
+    assert main([*base, f"run.out_dir={root / 'rerun'}", f"data.skip_steps=[{SPIKE_STEP}]"]) == 0
+    assert main([*base, f"run.out_dir={root / 'from_file'}",
+                 f"data.skip_steps_file={root / 'spiked' / 'spikes.jsonl'}"]) == 0
+    return root
+
+
+def test_the_spike_is_in_spikes_jsonl_with_its_samples(spike_runs, spike_env):
+    lines = read_jsonl(spike_runs / "spiked" / "spikes.jsonl")
+    assert [(r["step"], r["batch"], r["action"]) for r in lines] == [(SPIKE_STEP, SPIKE_STEP, "skipped")]
+    line = lines[0]
+    assert line["samples"] == spike_env
+    assert line["grad_norm/raw"] > line["clip/spike_limit"]
+    assert len(line["top_layers"]) == 5
+    assert [t["grad_norm"] for t in line["top_layers"]] == sorted((t["grad_norm"] for t in line["top_layers"]),
+                                                                  reverse=True)
+    row = {r["step"]: r for r in read_jsonl(spike_runs / "spiked" / "metrics.jsonl")}[SPIKE_STEP]
+    assert (row["optim/spike_skipped"], row["optim/spike_skipped_steps"]) == (1, 1)
+    assert (row["optim/step_skipped"], row["optim/skipped_steps"]) == (0, 0)  # separate from non-finite skips
+    assert row["grad_norm/clipped"] is None  # nothing was applied
+
+
+@pytest.mark.parametrize("rerun", ["rerun", "from_file"])
+def test_a_rerun_with_skip_steps_leaves_the_batch_out(spike_runs, rerun):
+    spiked = read_jsonl(spike_runs / "spiked" / "metrics.jsonl")
+    again = read_jsonl(spike_runs / rerun / "metrics.jsonl")
+    assert read_jsonl(spike_runs / rerun / "spikes.jsonl") == []
+    assert not any(r["optim/spike_skipped"] for r in again)
+    for a, b in zip(spiked[:SPIKE_STEP - 1], again[:SPIKE_STEP - 1]):  # the same trajectory up to the batch
+        assert (a["train/loss"], a["grad_norm/raw"]) == (b["train/loss"], b["grad_norm/raw"])
+    assert again[SPIKE_STEP - 1]["train/loss"] != spiked[SPIKE_STEP - 1]["train/loss"]  # the next batch instead
+
+
+def test_batch_of_leaves_the_listed_batches_out():
+    s = build(_cfg("data.skip_steps=[2,3,7]"), device=CPU)
+    assert [batch_of(s, i) + 1 for i in range(7)] == [1, 4, 5, 6, 8, 9, 10]
+
+
+def test_per_layer_norms_add_up_to_the_raw_norm_and_reach_wandb(spike_runs):
+    from tests.wandb_reader import history
+
+    run = spike_runs / "spiked"
+    metrics = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl")}
+    rows = read_jsonl(run / "per_layer.jsonl")
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    names = {k for k in rows[0] if k != "step"}
+    # module names as the model has them (spike_gpt wraps TinyGPT as `inner`)
+    assert {"grad_norm_layer/inner.head", "grad_norm_layer/inner.blocks.0.attn.qkv", "grad_norm_layer/inner.tok"} <= names
+    for r in rows:
+        rss = math.sqrt(sum(v * v for k, v in r.items() if k != "step"))
+        assert rss == pytest.approx(metrics[r["step"]]["grad_norm/raw"], rel=1e-6)
+    wandb_rows = [h for h in history(run) if "grad_norm_layer/inner.head" in h]
+    assert [h["_step"] for h in wandb_rows] == [3, 6, 9, 12]
+    assert (run / "per_layer.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("policy", ["zscore", "percentile", "agc", "fixed"])
+def test_a_non_finite_step_updates_nothing_under_every_policy(policy, monkeypatch):
+    monkeypatch.setenv("NAN_CALLS", "5")
+    s = build(_cfg(f"clip.policy={policy}", "clip.warmup_steps=3", *SKIP, "model.factory=tests.helpers:nan_gpt"),
+              device=CPU)
+    for step in range(7):
+        before, state = _snapshot(s), json.dumps({k: v.tolist() for k, v in s.policy.state_dict().items()})
+        m = optimizer_step(s, step)
+        if step == 5:
+            assert bool(m.skipped) and not bool(m.spike)
+            assert _same(before, _snapshot(s))
+            assert json.dumps({k: v.tolist() for k, v in s.policy.state_dict().items()}) == state
+        assert math.isfinite(m.threshold.item()) or policy == "agc"
+        assert all(torch.isfinite(p).all() for p in s.model.parameters())
+
+
+@pytest.mark.parametrize("policy", ["zscore", "percentile"])
+def test_resume_mid_run_continues_the_same_threshold_sequence(tmp_path, policy, monkeypatch):
+    args = ["train", "-c", str(DEBUG), *SMALL, f"clip.policy={policy}", "clip.warmup_steps=3", "clip.max_norm=0.3",
+            "train.max_steps=12", "logging.every=1", "train.checkpoint_every=6", "train.keep_checkpoints=3", *SKIP]
+    assert main([*args, f"run.out_dir={tmp_path / 'full'}"]) == 0
+    full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    fork = tmp_path / "full" / "checkpoints" / "step_00000006"
+    assert main([*args, f"run.out_dir={tmp_path / 'resumed'}", f"train.resume={fork}"]) == 0
+    resumed = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    keys = ("grad_norm/threshold", "grad_norm/raw", "clip/spike_limit",
+            "clip/ema_mean" if policy == "zscore" else "clip/percentile")
+    assert [r["step"] for r in resumed] == list(range(7, 13))
+    for a, b in zip(full[6:], resumed):
+        assert [a[k] for k in keys] == [b[k] for k in keys], a["step"]
+    assert len({r["grad_norm/threshold"] for r in full[3:]}) > 3  # the threshold moved: the check has teeth
+
+    # Negative control: a resume that drops the policy's state starts its statistics afresh.
+    monkeypatch.setattr(type(build(_cfg(f"clip.policy={policy}"), device=CPU).policy), "load_state_dict",
+                        lambda self, state: None)
+    assert main([*args, f"run.out_dir={tmp_path / 'amnesia'}", f"train.resume={fork}"]) == 0
+    amnesia = read_jsonl(tmp_path / "amnesia" / "metrics.jsonl")
+    assert [r["grad_norm/threshold"] for r in amnesia] != [r["grad_norm/threshold"] for r in full[6:]]
