@@ -211,7 +211,8 @@ class PercentileClip(ClipPolicy):
         rank = (self.p / 100.0) * (n - 1).to(torch.float64)
         lo = torch.floor(rank).to(torch.int64).clamp(min=0)
         hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-        a, b = ordered[lo], ordered[hi]
+        # index_select, not ordered[lo]: a 0-dim index tensor would be read back to the host
+        a, b = ordered.index_select(0, lo.reshape(1))[0], ordered.index_select(0, hi.reshape(1))[0]
         frac = rank - lo.to(torch.float64)
         value = torch.where(a == b, a, a + frac * (b - a))  # a == b: exact, also where both are +inf
         return torch.where(n > 0, value, torch.full_like(value, math.nan))

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_train.step as step_module
 from dist_train import trainer
-from dist_train.clip import FixedClip, NoClip
+from dist_train.clip import AGC, FixedClip, NoClip, PercentileClip, SpikeSkip, ZScoreClip
 from dist_train.config import Progress as ProgressMode
 from dist_train.config import load_config
 from dist_train.errors import TrainingError
@@ -56,16 +56,23 @@ def fused_adamw(params):
 
 # ---- train_step alone ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("policy", [FixedClip(0.05), FixedClip(1e3), NoClip()], ids=["clipped", "unclipped", "none"])
+@pytest.mark.parametrize("policy", ["clipped", "unclipped", "none", "zscore", "percentile", "agc", "zscore+skip"])
 def test_fused_step_reads_nothing_back(precision, policy):
+    """Every policy, and spike skipping, decide and update their state on the device (the adaptive ones run
+    past their warm-up here, so both branches of every `where` are taken)."""
+    policy, skip = {
+        "clipped": (FixedClip(0.05), None), "unclipped": (FixedClip(1e3), None), "none": (NoClip(), None),
+        "zscore": (ZScoreClip(0.05, warmup=2), None), "percentile": (PercentileClip(0.05, window=3, warmup=2), None),
+        "agc": (AGC(0.01), None), "zscore+skip": (ZScoreClip(0.05, warmup=2), SpikeSkip(0.5, 4, 2)),
+    }[policy]
     model = random_mlp_lm(16, seed=1)
     opt = fused_adamw(model.parameters())
     assert folds_clipping(opt)
     strategy = Strategy(_fp16_amp(2.0**10)) if precision == "fp16" else Strategy()
     counter = SyncCounter()
     with counter:
-        for i in range(3):
-            train_step(model, opt, [batch(4, seed=i)], policy, strategy=strategy)
+        for i in range(6):
+            train_step(model, opt, [batch(4, seed=i)], policy, strategy=strategy, skip=skip)
     assert sum(counter.by_step.values()) == 0, counter.by_step
 
 
