@@ -378,7 +378,12 @@ class SpikeSkip:
 
     def stats(self) -> dict[str, torch.Tensor]:
         limit = self.limits()
-        return {"clip/spike_limit": limit[0] if self.on != "loss" else limit[1]}
+        out = {}
+        if self.on != "loss":
+            out["clip/spike_limit"] = limit[0]
+        if self.on != "norm":
+            out["clip/spike_loss_limit"] = limit[1]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count.cpu(), "values": self.values.cpu(), "run": self.run.cpu()}

@@ -128,6 +128,7 @@ def spike_record(*, step: int, batch: int, record: dict[str, Any], m: StepMetric
         "train/loss": record["train/loss"],
         "grad_norm/threshold": record["grad_norm/threshold"],
         "clip/spike_limit": record.get("clip/spike_limit"),
+        "clip/spike_loss_limit": record.get("clip/spike_loss_limit"),
         "top_layers": top,
         "samples": samples,
     }

@@ -580,8 +580,8 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
             progress.message(f"dist-train: step {n}: non-finite gradient norm, optimizer step skipped "
                              f"({consecutive} in a row)")
         elif record is not None and record.get("optim/spike_skipped"):
-            progress.message(f"dist-train: step {n}: gradient-norm spike ({record['grad_norm/raw']:.4g} > "
-                             f"{record['clip/spike_limit']:.4g}), optimizer step skipped; see spikes.jsonl")
+            progress.message(f"dist-train: step {n}: spike ({spike_cause(record)}), optimizer step skipped; see "
+                             "spikes.jsonl")
         progress.step(record, advance=advance)
 
     def check_limit(n: int, consecutive: int) -> None:
@@ -649,6 +649,17 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     vote.close()
     p.skipped_total, p.consecutive, p.spike_skipped, p.spike_events = skips.exact()
     return out
+
+
+def spike_cause(record: dict[str, Any]) -> str:
+    """What exceeded its limit in a skipped spike's row, e.g. 'grad norm 4.1 > 2.4'."""
+    causes = []
+    for key, what, value in (("clip/spike_limit", "grad norm", "grad_norm/raw"),
+                             ("clip/spike_loss_limit", "loss", "train/loss")):
+        limit, v = record.get(key), record.get(value)
+        if limit is not None and v is not None and v > limit:
+            causes.append(f"{what} {v:.4g} > {limit:.4g}")
+    return ", ".join(causes) or "over its limit"
 
 
 def is_spike(m: StepMetrics) -> bool:

@@ -37,6 +37,7 @@ POLICIES = {
     "agc": ["clip.policy=agc", "clip.agc_lambda=0.02"],
     "fixed+skip": ["clip.policy=fixed", *SKIP],
     "zscore+skip": ["clip.policy=zscore", *SKIP],
+    "fixed+skip_both": ["clip.policy=fixed", *SKIP, "clip.skip_on=both"],  # the loss: averaged over ranks
 }
 
 
@@ -72,7 +73,7 @@ def _worker():
             out[f"ddp/{name}"] = _run(s)
         # Negative control: every rank clipping on its own gradients (no all-reduce before the norm).
         out["unsynced/zscore+skip"] = _run(build(_cfg(*POLICIES["zscore+skip"]), state, CPU, sync_grads=False))
-        for name in ("zscore", "agc", "zscore+skip"):
+        for name in ("zscore", "agc", "zscore+skip", "fixed+skip_both"):
             s = build(_cfg("dist.strategy=fsdp", *POLICIES[name]), state, CPU)
             out[f"fsdp/{name}"] = _run(s)
         s = build(_cfg("dist.strategy=deepspeed", f"dist.deepspeed_config={ROOT / 'configs/deepspeed/zero2.json'}",
@@ -134,7 +135,7 @@ def test_every_policy_under_ddp_matches_one_process(ranks, name):
         assert_same_sequences(rank[f"ddp/{name}"], ref, rel=REL.get(name, 1e-5))
 
 
-@pytest.mark.parametrize("run", ["fsdp/zscore", "fsdp/agc", "fsdp/zscore+skip", "deepspeed/zscore",
+@pytest.mark.parametrize("run", ["fsdp/zscore", "fsdp/agc", "fsdp/zscore+skip", "fsdp/fixed+skip_both", "deepspeed/zscore",
                                  "accelerate/zscore", "accelerate/zscore+skip"])
 def test_adaptive_policies_on_sharded_and_engine_strategies_match_one_process(ranks, run):
     ref = reference(run.split("/")[1])

@@ -69,8 +69,9 @@ def _same(a, b) -> bool:
     return params_equal and state_equal
 
 
-def test_a_planted_spike_is_skipped_and_nothing_moves(spike_env):
-    s = build(_cfg(*SKIP, "model.factory=tests.helpers:spike_gpt"), device=CPU)
+@pytest.mark.parametrize("on", ["norm", "loss"])
+def test_a_planted_spike_is_skipped_and_nothing_moves(spike_env, on):
+    s = build(_cfg(*SKIP, f"clip.skip_on={on}", "model.factory=tests.helpers:spike_gpt"), device=CPU)
     for step in range(SPIKE_STEP + 1):
         before, window = _snapshot(s), s.skip.state_dict()
         m = optimizer_step(s, step)
