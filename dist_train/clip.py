@@ -40,8 +40,8 @@ class ClipPolicy:
     #: True when the policy needs per-parameter gradients (which ZeRO partitions do not give).
     needs_parameters: bool = False
 
-    #: True for a policy that adapts to past norms: a step it clips (after its warm-up) is a spike, and goes
-    #: to spikes.jsonl (see `spike_flag`).
+    #: True for a policy whose threshold is an outlier test of past norms (zscore): a step it clips after its
+    #: warm-up is a spike, and goes to spikes.jsonl.
     flags_spikes: bool = False
     #: True for a unit-wise policy (AGC): it scales gradients itself (`apply_`) and has no global threshold.
     unitwise: bool = False
@@ -186,7 +186,8 @@ class PercentileClip(ClipPolicy):
     """
 
     name = "percentile"
-    flags_spikes = True
+    # Not a spike detector: at p=10 about 90% of steps are clipped by design, so its clipped steps are routine
+    # (pair it with clip.skip_sigma for spikes and their forensics).
 
     def __init__(self, max_norm: float, p: float = 10.0, window: int = 1000, warmup: int = 25):
         if not 0 <= p <= 100:

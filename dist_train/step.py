@@ -79,7 +79,7 @@ class StepMetrics:
     spike: Optional[torch.Tensor] = None
     """0-dim bool: True when the step was skipped as a spike (clip.skip_sigma); None without spike skipping."""
     spike_clipped: Optional[torch.Tensor] = None
-    """0-dim bool: True when an adaptive policy, past its warm-up, clipped this step (a spike it clipped)."""
+    """0-dim bool: True when a spike-flagging policy (zscore), past its warm-up, clipped this step."""
     param_norms: Optional[torch.Tensor] = None
     """Raw (unscaled, whole) L2 norm of each parameter's gradient, in the order of the step's `params`
     (0 for a parameter without a gradient); None where the engine computes the norm (DeepSpeed)."""
@@ -189,8 +189,8 @@ def train_step(
 
 def _spike_clipped(policy: ClipPolicy, warm: torch.Tensor, coef: torch.Tensor, taken: torch.Tensor
                    ) -> Optional[torch.Tensor]:
-    """A step an adaptive policy clipped with its adaptive threshold (`warm`: past its warm-up, as of before
-    this step), and took: a spike it clipped."""
+    """A step a spike-flagging policy (zscore) clipped with its adaptive threshold (`warm`: past its warm-up, as
+    of before this step), and took: a spike it clipped."""
     return (coef < 1) & taken & warm.to(coef.device) if policy.flags_spikes else None
 
 

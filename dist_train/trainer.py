@@ -428,7 +428,7 @@ class Outputs:
         return [k for k in self.sinks if k not in self.spikes and k not in self.layers or k is self.wandb]
 
 
-#: One line per spike (skipped, or clipped by an adaptive policy): the forensics of spike skipping.
+#: One line per spike (skipped, or clipped by zscore): the forensics of spike skipping.
 SPIKES = "spikes.jsonl"
 #: One line per logging.per_layer_every step: each module's raw gradient norm.
 PER_LAYER = "per_layer.jsonl"
@@ -528,7 +528,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     A step that is not logged reads nothing back from the device (checkpoint steps and
     dist.check_sync_every steps read too). Logged steps are those of logging.every and
     logging.per_layer_every, the last one, the one a stop signal ends on, every skipped step and every
-    spike (skipped, or clipped by an adaptive policy): the host learns of those one step late
+    spike (skipped, or clipped by zscore): the host learns of those one step late
     (`SkipCounter`) and then logs that step's own row, in order, and its line in spikes.jsonl
     (`spike_sinks`). The run stops when clip.max_consecutive_nonfinite
     steps in a row were skipped: at that step when it is logged anyway, otherwise one step later, and that
@@ -663,7 +663,7 @@ def spike_cause(record: dict[str, Any]) -> str:
 
 
 def is_spike(m: StepMetrics) -> bool:
-    """Whether step `m` was skipped as a spike or clipped as one by an adaptive policy (a host read)."""
+    """Whether step `m` was skipped as a spike or clipped as one by zscore (a host read)."""
     return bool((m.spike is not None and m.spike) or (m.spike_clipped is not None and m.spike_clipped))
 
 
