@@ -35,6 +35,7 @@ SHOWN = [
     ("grad_norm/clipped_frac", "clipped_frac"),
     ("optim/lr", "lr"),
     ("optim/skipped_steps", "skipped"),
+    ("optim/spike_skipped_steps", "spikes"),
     ("perf/samples_per_sec", "samples/s"),
 ]
 #: What the bar shows: the loss and the two norms, which fit beside a bar at 80 columns.
