@@ -347,11 +347,12 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
         raise ConfigError(f"train.resume: the data set differs from the checkpoint's ({len(s.dataset)} samples now, "
                           f"{data.get('num_samples')} then, or another vocabulary): the steps would address other "
                           "samples; resume with the same data, or start a new run")
-    before = [b for b in data.get("skipped_batches", []) if b <= data.get("next_batch", 0)]
-    if before != [b for b in s.skipped_batches if b <= data.get("next_batch", 0)]:
-        raise ConfigError(f"train.resume: data.skip_steps leaves out other batches before the checkpoint's step "
-                          f"{state['step']} than the run that wrote it ({before or 'none'} up to batch "
-                          f"{data.get('next_batch', 0)}); keep those, and add only batches after it")
+    done = data.get("next_batch", state["step"])  # batches 1..done were trained on or left out
+    before = [b for b in data.get("skipped_batches", []) if b <= done]
+    if before != [b for b in s.skipped_batches if b <= done]:
+        raise ConfigError(f"train.resume: data.skip_steps leaves out other batches up to batch {done} (the "
+                          f"checkpoint's step {state['step']}) than the run that wrote it did ({before or 'none'}); "
+                          "keep those as they were, and add only batches after it")
     s.scheduler.load_state_dict(state["scheduler"])
     apply_optim_config(s)
     policy = state["clip_policy"]

@@ -196,3 +196,22 @@ def test_resume_mid_run_continues_the_same_threshold_sequence(tmp_path, policy, 
     assert main([*args, f"run.out_dir={tmp_path / 'amnesia'}", f"train.resume={fork}"]) == 0
     amnesia = read_jsonl(tmp_path / "amnesia" / "metrics.jsonl")
     assert [r["grad_norm/threshold"] for r in amnesia] != [r["grad_norm/threshold"] for r in full[6:]]
+
+
+def test_a_resume_may_leave_out_batches_after_its_checkpoint_only(tmp_path, capsys):
+    args = ["train", "-c", str(DEBUG), *SMALL, "train.max_steps=8", "logging.every=1", "train.checkpoint_every=4"]
+    assert main([*args, f"run.out_dir={tmp_path / 'a'}"]) == 0
+    fork = tmp_path / "a" / "checkpoints" / "step_00000004"
+    capsys.readouterr()
+    assert main([*args, f"run.out_dir={tmp_path / 'b'}", f"train.resume={fork}", "data.skip_steps=[3]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dist-train: error: train.resume: data.skip_steps leaves out other batches up to "
+                              "batch 4"), err
+    assert not (tmp_path / "b").exists()
+    # After the checkpoint: steps 5 and 6 train on batches 5 and 7 (batch 6 left out).
+    assert main([*args, f"run.out_dir={tmp_path / 'c'}", f"train.resume={fork}", "data.skip_steps=[6]"]) == 0
+    a = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    c = read_jsonl(tmp_path / "c" / "metrics.jsonl")
+    assert [r["step"] for r in c] == [5, 6, 7, 8]
+    assert c[0]["train/loss"] == a[4]["train/loss"]  # step 5: batch 5 in both
+    assert c[1]["train/loss"] != a[5]["train/loss"]  # step 6: batch 7 instead of 6

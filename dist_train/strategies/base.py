@@ -50,6 +50,8 @@ class Strategy:
     #: True: the trainer builds torch's fused AdamW, which folds the clip coefficient, the fp16 unscale and
     #: the skip decision into its own pass (dist_train.step). False where an engine drives the optimizer.
     fused_optimizer = True
+    #: The process group's state, where there is one (the distributed strategies set it).
+    dist: Optional[Any] = None
 
     def __init__(self, amp: Optional[Amp] = None):
         self.amp = amp or Amp()
@@ -99,8 +101,7 @@ class Strategy:
 
     def mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of a 0-dim tensor over ranks (a collective where distributed)."""
-        dist = getattr(self, "dist", None)
-        return t if dist is None else dist.mean(t)
+        return t if self.dist is None else self.dist.mean(t)
 
     def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Only where `engine_steps`: reduce, unscale, clip at `threshold` and update inside the engine;
