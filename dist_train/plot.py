@@ -34,11 +34,7 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
     if not records:
         return None
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     try:
         ax_loss.plot(*_series(records, "train/loss"), color="tab:blue")
@@ -67,12 +63,26 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
         ax_norm.set_ylabel("global grad norm")
         ax_norm.grid(alpha=0.3, which="both")
         ax_norm.legend(loc="best")
-        fig.tight_layout()
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
+        _save(fig, out_path)
     finally:
         plt.close(fig)
     return out_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_path: Path) -> None:
+    """The figure as a PNG at `out_path`, written whole or not at all."""
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def layers_path(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
@@ -95,11 +105,9 @@ def plot_layers(run_dir: str | Path, out: Optional[str | Path] = None) -> Option
     out_path = Path(out) if out is not None else layers_path(run_dir)
     import math
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = _pyplot()
 
     prefix = "grad_norm_layer/"
     modules = list(dict.fromkeys(k[len(prefix):] for r in rows for k in r if k.startswith(prefix)))
@@ -119,9 +127,7 @@ def plot_layers(run_dir: str | Path, out: Optional[str | Path] = None) -> Option
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{Path(run_dir).resolve().name}: raw gradient norm per module (log10)")
         fig.colorbar(image, ax=ax, label="log10 grad norm")
-        fig.tight_layout()
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
+        _save(fig, out_path)
     finally:
         plt.close(fig)
     return out_path
