@@ -4,7 +4,7 @@ quick start, in a fresh copy of the repository (with few steps).
 What is not run, and why: `pip install ...` (CI has just done it; the CPU wheel
 index is not reachable from CI) and `python -m pytest` (the suite running this).
 Few steps: training commands get `train.max_steps=20` appended (an override, as
-a user would add one), benchmarks `--steps 2 --rounds 1`. Multi-node templates
+a user would add one), benchmarks `--steps 2 --rounds 1` (but for a `--quick` one). Multi-node templates
 are ```text blocks, which need other machines.
 """
 
@@ -43,7 +43,7 @@ def runnable(command: str) -> str | None:
         return None
     out = []
     for p in parts:
-        if "benchmarks/" in p:
+        if "benchmarks/" in p and "--quick" not in p:  # a --quick grid is short already
             p += " --steps 2 --rounds 1"
         elif ("dist-train train" in p or "launch/" in p) and "COMMAND=verify" not in p:
             p += f" {FEW_STEPS}"
