@@ -49,6 +49,8 @@ task, the initial loss dashed.
     python benchmarks/stability.py [--steps 300] [--seeds 3] [--n-lr 7] [--lr-min 1e-3] [--lr-max 0.3]
         [--warmup-frac 0.1] [--jobs 2] [--out benchmarks/results/stability.md] [--quick]
 
+(--out defaults to runs/stability-quick/stability.md with --quick.)
+
 --quick runs a tiny grid (3 lrs, the 6 policies, 1 seed, both tasks, 24 steps, a smaller model) in well
 under a minute; tests/test_stability.py runs it.
 """
@@ -326,8 +328,9 @@ def main() -> int:
     p.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
                    help="(default: all six)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default: %(default)s)")
-    p.add_argument("--out", default="benchmarks/results/stability.md",
-                   help="Markdown table; .json and .png beside it (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="Markdown table; .json and .png beside it (default: benchmarks/results/stability.md, with "
+                        "--quick runs/stability-quick/stability.md, so a quick grid never replaces the study's)")
     p.add_argument("--quick", action="store_true",
                    help="tiny grid for the test: 3 lrs, 1 seed, 24 steps, n_layer 1, d_model 32, block 16, batch 16")
     args = p.parse_args()
@@ -339,6 +342,8 @@ def main() -> int:
         p.error("--policies must include fixed (the reference of the sensitivity ratio)")
     args.warmup = max(1, round(args.warmup_frac * args.steps))
     command = shlex.join(["python"] + sys.argv)
+    if args.out is None:
+        args.out = "runs/stability-quick/stability.md" if args.quick else "benchmarks/results/stability.md"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lrs = [float(x) for x in np.geomspace(args.lr_min, args.lr_max, args.n_lr)]

@@ -286,9 +286,15 @@ def _unknown_key(key: str) -> str:
     return f"unknown config key '{key}'; the sections are {', '.join(sections)}"
 
 
+#: Keys holding a list, and an example of one for the message when something else is given.
+LIST_KEYS = {"data.skip_steps": "data.skip_steps=[120,121,122]"}
+
+
 def _one_line(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0].strip()
+    if key in LIST_KEYS and "ListConfig" in msg:
+        return f"config key '{key}': must be a list of steps, e.g. {LIST_KEYS[key]} (quote it in a shell)"
     if "Key '" in msg and "not in" in msg:
         return _unknown_key(str(key))
     if key:
@@ -442,8 +448,11 @@ def validate(cfg: Config) -> None:
     _finite(c.agc_eps, "clip.agc_eps", 0)
     _finite(c.skip_sigma, "clip.skip_sigma", 0, lo_open=False)
     _require(c.skip_window >= 1, "clip.skip_window", f"must be >= 1, got {c.skip_window}")
-    _require(1 <= c.skip_min_steps <= c.skip_window, "clip.skip_min_steps",
-             f"must be in [1, clip.skip_window={c.skip_window}], got {c.skip_min_steps}")
+    _require(c.skip_min_steps >= 1, "clip.skip_min_steps", f"must be >= 1, got {c.skip_min_steps}")
+    if c.skip_sigma:
+        _require(c.skip_min_steps <= c.skip_window, "clip.skip_min_steps",
+                 f"{c.skip_min_steps} is more than clip.skip_window={c.skip_window}, so spike skipping would never "
+                 "start; lower it (or raise clip.skip_window)")
     _require(c.skip_max_consecutive >= 1, "clip.skip_max_consecutive", f"must be >= 1, got {c.skip_max_consecutive}")
     _require(c.skip_on in ("norm", "loss", "both"), "clip.skip_on", f"must be norm, loss or both, got '{c.skip_on}'")
     _require(
@@ -510,11 +519,14 @@ def skipped_batches(d: DataConfig) -> list[int]:
                 continue
             if line.startswith("{"):
                 try:
-                    batch = json.loads(line)["batch"]
-                except (ValueError, KeyError, TypeError):
+                    obj = json.loads(line)
+                except ValueError:
+                    raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' is not valid JSON "
+                                      "(cut off?); mend or remove that line") from None
+                if not isinstance(obj, dict) or "batch" not in obj:
                     raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' is a JSON object "
-                                      "without a 'batch' (is it a spikes.jsonl written by dist-train?)") from None
-                items = [batch]
+                                      "without a 'batch' (is it a spikes.jsonl written by dist-train?)")
+                items = [obj["batch"]]
             else:
                 items = line.split()
             for item in items:

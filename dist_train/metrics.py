@@ -85,6 +85,8 @@ def make_record(
         rec["optim/spike_skipped_steps"] = spike_skipped_total
         if rec["optim/spike_skipped"]:
             rec["grad_norm/clipped"] = None  # nothing was applied
+    if m.spike_clipped is not None:  # a policy whose clips are spikes (zscore)
+        rec["clip/spike_clipped"] = int(bool(m.spike_clipped))
     for key, value in m.stats.items():
         rec[key] = _num(value.item())
     if m.loss_scale is not None:

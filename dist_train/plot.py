@@ -44,10 +44,16 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
 
         raw = _series(records, "grad_norm/raw")
         ax_norm.plot(*raw, label="raw (pre-clip)", color="tab:red")
-        ax_norm.plot(*_series(records, "grad_norm/clipped"), label="clipped", color="tab:green")
+        # Drawn wide under a thin threshold line: where the two are equal (clipped steps) both stay visible.
+        ax_norm.plot(*_series(records, "grad_norm/clipped"), label="clipped", color="tab:green", linewidth=3,
+                     alpha=0.7)
         xs, ys = _series(records, "grad_norm/threshold")
         if xs:
-            ax_norm.plot(xs, ys, label="threshold", color="black", linestyle="--")
+            ax_norm.plot(xs, ys, label="threshold", color="black", linestyle="--", linewidth=1)
+        spiked = [(r["step"], r["grad_norm/raw"]) for r in records
+                  if r.get("clip/spike_clipped") and r.get("grad_norm/raw") is not None]
+        if spiked:
+            ax_norm.scatter(*zip(*spiked), marker="^", color="purple", zorder=3, label="spike clipped (zscore)")
         skipped = [r["step"] for r in records if r.get("optim/step_skipped")]
         for i, s in enumerate(skipped):
             ax_norm.axvline(s, color="orange", alpha=0.6, label="skipped step (non-finite)" if i == 0 else None)
@@ -56,6 +62,10 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
             ax_norm.axvline(s, color="purple", alpha=0.4, linestyle=":", label="skipped spike" if i == 0 else None)
         if any(v > 0 for v in raw[1] + ys):
             ax_norm.set_yscale("log")  # a log axis needs a positive value to show
+            from matplotlib.ticker import LogFormatterSciNotation
+
+            # Label the 2..9 ticks too where the axis spans little more than a decade (else one label or two).
+            ax_norm.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         if not raw[0]:
             ax_norm.text(0.5, 0.5, "no finite gradient norm was logged", transform=ax_norm.transAxes,
                          ha="center", va="center")
@@ -78,11 +88,16 @@ def _pyplot():
     return plt
 
 
+#: Formats `--out` may name by its suffix; anything else is written as PNG.
+FORMATS = ("png", "pdf", "svg")
+
+
 def _save(fig, out_path: Path) -> None:
-    """The figure as a PNG at `out_path`, written whole or not at all."""
+    """The figure at `out_path` (PNG, or PDF/SVG by its suffix), written whole or not at all."""
     fig.tight_layout()
+    suffix = out_path.suffix.lower().lstrip(".")
     with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format=suffix if suffix in FORMATS else "png")
 
 
 def layers_path(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
@@ -122,7 +137,7 @@ def plot_layers(run_dir: str | Path, out: Optional[str | Path] = None) -> Option
     try:
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
         ax.set_yticks(range(len(modules)), modules, fontsize=7)
-        ticks = sorted(set(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int)))
+        ticks = list(range(0, len(steps), -(-len(steps) // 12)))  # every k-th column, evenly spaced
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{Path(run_dir).resolve().name}: raw gradient norm per module (log10)")

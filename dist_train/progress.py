@@ -35,7 +35,7 @@ SHOWN = [
     ("grad_norm/clipped_frac", "clipped_frac"),
     ("optim/lr", "lr"),
     ("optim/skipped_steps", "skipped"),
-    ("optim/spike_skipped_steps", "spikes"),
+    ("optim/spike_skipped_steps", "spike_skips"),
     ("perf/samples_per_sec", "samples/s"),
 ]
 #: What the bar shows: the loss and the two norms, which fit beside a bar at 80 columns.
@@ -43,7 +43,12 @@ SHOWN_ON_BAR = SHOWN[:3]
 
 
 def summary(record: dict[str, Any], shown=SHOWN) -> str:
-    return " ".join(f"{short} {_fmt(record[key])}" for key, short in shown if key in record)
+    def value(key: str) -> str:
+        if key == "grad_norm/clipped" and record.get("optim/spike_skipped"):
+            return "skipped"  # a skipped spike applied nothing (null in metrics.jsonl)
+        return _fmt(record[key])
+
+    return " ".join(f"{short} {value(key)}" for key, short in shown if key in record)
 
 
 class ProgressReporter:

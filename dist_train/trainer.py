@@ -136,6 +136,11 @@ def build(
     )
 
 
+def per_layer_every(s: Setup) -> int:
+    """logging.per_layer_every, or 0 where the strategy's engine reports the total norm only (DeepSpeed)."""
+    return 0 if s.strategy.engine_steps else s.cfg.logging.per_layer_every
+
+
 def batch_of(s: Setup, step: int) -> int:
     """The global batch (0-based, in the data order) optimizer step `step` (0-based) trains on: the step-th
     batch that data.skip_steps does not leave out."""
@@ -348,22 +353,26 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
                           f"{data.get('num_samples')} then, or another vocabulary): the steps would address other "
                           "samples; resume with the same data, or start a new run")
     done = data.get("next_batch", state["step"])  # batches 1..done were trained on or left out
-    before = [b for b in data.get("skipped_batches", []) if b <= done]
-    if before != [b for b in s.skipped_batches if b <= done]:
-        raise ConfigError(f"train.resume: data.skip_steps leaves out other batches up to batch {done} (the "
-                          f"checkpoint's step {state['step']}) than the run that wrote it did ({before or 'none'}); "
-                          "keep those as they were, and add only batches after it")
+    before = {b for b in data.get("skipped_batches", []) if b <= done}
+    now = {b for b in s.skipped_batches if b <= done}
+    if before != now:
+        added, dropped = sorted(now - before), sorted(before - now)
+        change = (f"leaves out batch(es) {', '.join(map(str, added))}" if added else
+                  f"no longer leaves out batch(es) {', '.join(map(str, dropped))}")
+        raise ConfigError(f"train.resume: data.skip_steps {change}, but the checkpoint at step {state['step']} has "
+                          f"already passed batch {done}; leave out only batches after {done} (or resume from an "
+                          "earlier checkpoint)")
     s.scheduler.load_state_dict(state["scheduler"])
     apply_optim_config(s)
     policy = state["clip_policy"]
     if policy["name"] == s.policy.name:
-        s.policy.load_state_dict(policy["state"])
+        _load_or_start_afresh(s.policy.load_state_dict, policy["state"], f"clip policy {s.policy.name}")
     else:
         log.warning("the checkpoint's clip policy is %s and this run's %s: %s starts afresh",
                     policy["name"], s.policy.name, s.policy.name)
     if s.skip is not None:
         if state.get("spike_skip") is not None:
-            s.skip.load_state_dict(state["spike_skip"])
+            _load_or_start_afresh(s.skip.load_state_dict, state["spike_skip"], "spike window")
         else:
             log.warning("the checkpoint was written without clip.skip_sigma: its spike window starts empty")
     scaler = s.strategy.scaler
@@ -379,6 +388,15 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
     return Progress(step=state["step"], skipped_total=state["skipped_steps"],
                     consecutive=state["consecutive_nonfinite"], wandb_id=state.get("wandb_id"),
                     spike_skipped=state.get("spike_skipped_steps", 0), spike_events=state.get("spike_events", 0))
+
+
+def _load_or_start_afresh(load: Callable[[dict[str, Any]], None], state: dict[str, Any], what: str) -> None:
+    """Restore a clip policy's (or the spike window's) state; one the settings changed (another window size)
+    cannot be restored: it starts afresh, with a warning, as a changed clip.policy does."""
+    try:
+        load(state)
+    except ValueError as e:
+        log.warning("the checkpoint's %s state does not fit this run's settings (%s): it starts afresh", what, e)
 
 
 def check_checkpoint(s: Setup, folder: Path) -> Optional[str]:
@@ -465,7 +483,7 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Pro
         out = Outputs(run_dir, jsonl, [jsonl])
         out.spikes.append(open_jsonl(SPIKES))
         out.sinks.append(out.spikes[0])  # closed with the others
-        if cfg.logging.per_layer_every:
+        if per_layer_every(s):
             out.layers.append(open_jsonl(PER_LAYER))
             out.sinks.append(out.layers[0])
         if cfg.logging.wandb.mode != C.WandbMode.disabled:
@@ -476,7 +494,7 @@ def open_outputs(cfg: C.Config, s: Setup, run_dir: RunDir, resumed: Optional[Pro
             out.wandb = WandbSink(cfg.logging.wandb, run_dir.path, cfg.run.name or run_dir.path.resolve().name,
                                   C.to_dict(cfg), run_id=resumed.wandb_id if resumed is not None else None)
             out.sinks.append(out.wandb)
-            if cfg.logging.per_layer_every:
+            if per_layer_every(s):
                 out.layers.append(out.wandb)
         return out
     except BaseException:
@@ -547,7 +565,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     known = (p.skipped_total, p.spike_events)  # the skips and spike events the host has reported
     # The engine reads its skip on the host anyway: nothing to gain from learning it a step late.
     immediate = s.strategy.engine_steps
-    every_layer = cfg.logging.per_layer_every
+    every_layer = per_layer_every(s)
     # (step, metrics, lr, logged, the time its work was queued by) of the last step
     prev: Optional[tuple[int, StepMetrics, float, bool, float]] = None
 
@@ -583,6 +601,9 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
         elif record is not None and record.get("optim/spike_skipped"):
             progress.message(f"dist-train: step {n}: spike ({spike_cause(record)}), optimizer step skipped; see "
                              "spikes.jsonl")
+        elif record is not None and record.get("clip/spike_clipped"):
+            progress.message(f"dist-train: step {n}: spike (grad norm {record['grad_norm/raw']:.4g} > zscore threshold "
+                             f"{record['grad_norm/threshold']:.4g}), clipped; see spikes.jsonl")
         progress.step(record, advance=advance)
 
     def check_limit(n: int, consecutive: int) -> None:

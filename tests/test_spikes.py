@@ -205,8 +205,9 @@ def test_a_resume_may_leave_out_batches_after_its_checkpoint_only(tmp_path, caps
     capsys.readouterr()
     assert main([*args, f"run.out_dir={tmp_path / 'b'}", f"train.resume={fork}", "data.skip_steps=[3]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("dist-train: error: train.resume: data.skip_steps leaves out other batches up to "
-                              "batch 4"), err
+    assert err[-1] == ("dist-train: error: train.resume: data.skip_steps leaves out batch(es) 3, but the checkpoint "
+                       "at step 4 has already passed batch 4; leave out only batches after 4 (or resume from an "
+                       "earlier checkpoint)"), err
     assert not (tmp_path / "b").exists()
     # After the checkpoint: steps 5 and 6 train on batches 5 and 7 (batch 6 left out).
     assert main([*args, f"run.out_dir={tmp_path / 'c'}", f"train.resume={fork}", "data.skip_steps=[6]"]) == 0
