@@ -216,3 +216,18 @@ def test_a_resume_may_leave_out_batches_after_its_checkpoint_only(tmp_path, caps
     assert [r["step"] for r in c] == [5, 6, 7, 8]
     assert c[0]["train/loss"] == a[4]["train/loss"]  # step 5: batch 5 in both
     assert c[1]["train/loss"] != a[5]["train/loss"]  # step 6: batch 7 instead of 6
+
+
+def test_a_resume_with_another_window_size_starts_the_statistics_afresh(tmp_path, capsys):
+    args = ["train", "-c", str(DEBUG), *SMALL, "train.max_steps=6", "logging.every=1", "train.checkpoint_every=3",
+            "clip.policy=percentile", "clip.warmup_steps=2", *SKIP]
+    assert main([*args, f"run.out_dir={tmp_path / 'a'}", "clip.window=8"]) == 0
+    capsys.readouterr()
+    fork = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert main([*args, f"run.out_dir={tmp_path / 'b'}", f"train.resume={fork}", "clip.window=4",
+                 "clip.skip_window=12"]) == 0
+    err = capsys.readouterr().err
+    assert "clip policy percentile state does not fit this run's settings" in err and "starts afresh" in err, err
+    assert "spike window state does not fit" in err, err
+    rows = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert rows[0]["grad_norm/threshold"] == 1.0  # the warm-up's max_norm again: the window starts empty
