@@ -89,21 +89,27 @@ def test_sync_counter_sees_the_explicit_paths_read(monkeypatch):
 
 
 # ---- the trainer's loop, per step, on every strategy of the package's own step -------------------------
-def _loop_config(strategy: str, precision: str, steps: int, every: int, device: str):
+#: Adaptive clipping and spike skipping with limits no step reaches (a spike's row is a logged step): their
+#: device-side statistics and masked updates, every step.
+ADAPTIVE = ("clip.policy=zscore", "clip.warmup_steps=2", "clip.zscore_z=1e6", "clip.skip_sigma=1e6",
+            "clip.skip_window=4", "clip.skip_min_steps=2")
+
+
+def _loop_config(strategy: str, precision: str, steps: int, every: int, device: str, *extra: str):
     """A small debug run that clips every step, for the loop's sync checks."""
     return load_config(DEBUG, ["model.n_layer=2", "model.d_model=32", "train.global_batch_size=8",
                                f"train.max_steps={steps}", f"logging.every={every}", f"dist.strategy={strategy}",
                                f"train.precision={precision}", f"train.device={device}",
-                               "logging.wandb.mode=disabled", "clip.max_norm=0.1", "optim.warmup_steps=2"])
+                               "logging.wandb.mode=disabled", "clip.max_norm=0.1", "optim.warmup_steps=2", *extra])
 
 
-def _count_loop(strategy: str, precision: str, steps: int, every: int) -> dict[int, int]:
+def _count_loop(strategy: str, precision: str, steps: int, every: int, *extra: str) -> dict[int, int]:
     """Runs the trainer's loop; the host reads of each optimizer step (1-based), from its start to the next's
     (the first step's, which create the optimizer's state, included)."""
     from dist_train.distributed import DistState
 
     torch.set_num_threads(1)
-    cfg = _loop_config(strategy, precision, steps, every, "cpu")
+    cfg = _loop_config(strategy, precision, steps, every, "cpu", *extra)
     dist = DistState.from_env()
     with dist.session(CPU, "gloo", 120):
         s = trainer.build(cfg, dist, CPU)
@@ -132,8 +138,9 @@ def _assert_logged_steps_only(by_step: dict[int, int], steps: int, every: int, w
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
-def test_single_process_loop_syncs_only_on_logged_steps(precision):
-    _assert_logged_steps_only(_count_loop("auto", precision, 7, 3), 7, 3)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "zscore+skip"])
+def test_single_process_loop_syncs_only_on_logged_steps(precision, adaptive):
+    _assert_logged_steps_only(_count_loop("auto", precision, 7, 3, *(ADAPTIVE if adaptive else ())), 7, 3)
 
 
 @pytest.mark.parametrize("strategy, precision", [("ddp", "no"), ("ddp", "fp16"), ("fsdp", "no"), ("fsdp", "fp16")])
@@ -142,13 +149,13 @@ def test_distributed_loop_syncs_only_on_logged_steps(strategy, precision):
         _assert_logged_steps_only(by_step, 7, 3, writes_rows=rank == 0)
 
 
-def _cuda_loop_under_sync_debug(strategy: str, precision: str, steps: int, every: int) -> None:
+def _cuda_loop_under_sync_debug(strategy: str, precision: str, steps: int, every: int, *extra: str) -> None:
     """The trainer's loop on the GPU with torch.cuda.set_sync_debug_mode("error") on every step that is
     not logged: any synchronizing CUDA call there raises."""
     from dist_train.distributed import DistState
 
     device = torch.device("cuda", 0)
-    cfg = _loop_config(strategy, precision, steps, every, "cuda")
+    cfg = _loop_config(strategy, precision, steps, every, "cuda", *extra)
     dist = DistState.from_env()
     with dist.session(device, "nccl", 120):
         s = trainer.build(cfg, dist, device)
@@ -174,6 +181,12 @@ def _cuda_loop_under_sync_debug(strategy: str, precision: str, steps: int, every
                                                  ("fsdp", "no"), ("fsdp", "bf16")])
 def test_cuda_loop_has_no_sync_on_steps_that_are_not_logged(strategy, precision):
     spawn(_cuda_loop_under_sync_debug, 1, strategy, precision, 9, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["auto", "fsdp"])
+def test_cuda_loop_with_adaptive_clipping_and_spike_skipping_has_no_sync(strategy):
+    spawn(_cuda_loop_under_sync_debug, 1, strategy, "no", 9, 4, *ADAPTIVE)
 
 
 # ---- folded clipping against explicit clipping --------------------------------------------------------
