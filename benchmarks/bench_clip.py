@@ -31,7 +31,7 @@ import time
 import torch
 
 from dist_train.clip import FixedClip, NoClip
-from dist_train.step import Strategy, _fused_step
+from dist_train.step import Strategy, _Decision, _fused_step
 
 BYTES_PER_ELEMENT = {"baseline": 40, "package": 36, "package, policy none": 32}
 
@@ -62,6 +62,7 @@ def make_arms(args, max_norm: float):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         arms[name] = (params, opt)
     saved = [p.grad for p in grads]
+    loss = torch.zeros((), device=args.device)  # the step's loss: what spike skipping on the loss would read
 
     def run(name):
         params, opt = arms[name]
@@ -74,7 +75,10 @@ def make_arms(args, max_norm: float):
             opt.step()
         else:
             policy = NoClip() if name.endswith("none") else FixedClip(max_norm)
-            _fused_step(opt, [p.grad for p in params], policy, Strategy(), None, 1e-6, None)
+            grads = [p.grad for p in params]
+            strategy = Strategy()
+            decision = _Decision(policy, None, strategy, loss, None, 1e-6, list(zip(params, grads)))
+            _fused_step(opt, grads, decision, strategy, None)
         sync(args.device)
         return time.perf_counter() - t0
 
