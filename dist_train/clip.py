@@ -28,8 +28,34 @@ import torch
 from dist_train.config import ClipConfig
 
 
-class ClipPolicy:
-    """Interface. Subclasses override `threshold`, and `observe`/state when stateful."""
+class DeviceState:
+    """State held as the tensors named in `STATE`, on the training device: moved, saved and restored alike."""
+
+    STATE: tuple[str, ...] = ()
+
+    def to(self, device: torch.device):
+        """Move the state to the training device (once, before training)."""
+        for k in self.STATE:
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).cpu() for k in self.STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s tensors; ValueError when they do not fit (other keys, another window size)."""
+        if sorted(state) != sorted(self.STATE):
+            raise ValueError(f"{type(self).__name__} holds {sorted(self.STATE) or 'no state'}, got {sorted(state)}")
+        for k in self.STATE:
+            mine, saved = getattr(self, k), state[k]
+            if saved.shape != mine.shape:
+                raise ValueError(f"its '{k}' has shape {tuple(saved.shape)} and this run's {tuple(mine.shape)}")
+        for k in self.STATE:
+            setattr(self, k, state[k].to(getattr(self, k).device))
+
+
+class ClipPolicy(DeviceState):
+    """Interface. Subclasses override `threshold`, and `observe`/`STATE` when stateful."""
 
     name: str = "base"
     #: False when the policy can never return a finite threshold; the step then
@@ -59,10 +85,6 @@ class ClipPolicy:
         """Record this step's raw norm where `taken` (a 0-dim bool on the device) is True; leave the state
         exactly as it was where it is False. No host reads: `raw` may be NaN here, masked out by `taken`."""
 
-    def to(self, device: torch.device) -> "ClipPolicy":
-        """Move the state to the training device (once, before training)."""
-        return self
-
     def warm(self) -> torch.Tensor:
         """0-dim bool: whether the adaptive threshold is in force (past the warm-up)."""
         return torch.tensor(False)
@@ -71,13 +93,6 @@ class ClipPolicy:
         """The statistics this step's threshold was computed from (0-dim tensors on the device, NaN while
         undefined), logged under the keys given. Called before `observe`."""
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"clip policy '{self.name}' has no state, got keys {sorted(state)}")
 
 
 class NoClip(ClipPolicy):
@@ -118,6 +133,7 @@ class ZScoreClip(ClipPolicy):
 
     name = "zscore"
     flags_spikes = True
+    STATE = ("count", "mean", "var")
 
     def __init__(self, max_norm: float, alpha: float = 0.97, z: float = 2.5, warmup: int = 25,
                  update_with: str = "clipped"):
@@ -131,10 +147,6 @@ class ZScoreClip(ClipPolicy):
         self.count = torch.zeros((), dtype=torch.int64)  # finite norms observed
         self.mean = torch.zeros((), dtype=torch.float64)  # during warm-up: the sum of the norms
         self.var = torch.zeros((), dtype=torch.float64)  # during warm-up: the sum of their squares
-
-    def to(self, device: torch.device) -> "ZScoreClip":
-        self.count, self.mean, self.var = (t.to(device) for t in (self.count, self.mean, self.var))
-        return self
 
     def warm(self) -> torch.Tensor:
         return self.count >= self.warmup
@@ -168,13 +180,6 @@ class ZScoreClip(ClipPolicy):
         return {"clip/ema_mean": torch.where(warm, self.mean, nan),
                 "clip/ema_std": torch.where(warm, self.var.clamp(min=0).sqrt(), nan)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count.cpu(), "mean": self.mean.cpu(), "var": self.var.cpu()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.mean.device
-        self.count, self.mean, self.var = (state[k].to(device) for k in ("count", "mean", "var"))
-
 
 class PercentileClip(ClipPolicy):
     """AutoClip-style threshold: the p-th percentile of the last `window` finite raw norms.
@@ -186,6 +191,7 @@ class PercentileClip(ClipPolicy):
     """
 
     name = "percentile"
+    STATE = ("count", "values")
     # Not a spike detector: at p=10 about 90% of steps are clipped by design, so its clipped steps are routine
     # (pair it with clip.skip_sigma for spikes and their forensics).
 
@@ -197,10 +203,6 @@ class PercentileClip(ClipPolicy):
         self.max_norm, self.p, self.window, self.warmup = float(max_norm), float(p), int(window), int(warmup)
         self.count = torch.zeros((), dtype=torch.int64)  # finite norms observed (the window holds the last ones)
         self.values = torch.full((self.window,), math.inf, dtype=torch.float64)  # unfilled slots: +inf
-
-    def to(self, device: torch.device) -> "PercentileClip":
-        self.count, self.values = self.count.to(device), self.values.to(device)
-        return self
 
     def warm(self) -> torch.Tensor:
         return self.count >= self.warmup
@@ -230,15 +232,6 @@ class PercentileClip(ClipPolicy):
 
     def stats(self) -> dict[str, torch.Tensor]:
         return {"clip/percentile": self.percentile()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count.cpu(), "values": self.values.cpu()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        values = state["values"]
-        if values.numel() != self.window:
-            raise ValueError(f"the checkpoint's window holds {values.numel()} norms and clip.window is {self.window}")
-        self.count, self.values = state["count"].to(self.count.device), values.to(self.values.device)
 
 
 class AGC(ClipPolicy):
@@ -319,7 +312,7 @@ class AGC(ClipPolicy):
         return {} if self._clipped_frac is None else {"clip/agc_clipped_frac": self._clipped_frac}
 
 
-class SpikeSkip:
+class SpikeSkip(DeviceState):
     """Spike skipping (`clip.skip_sigma`), beside any clip policy: skip the optimizer step when this step's raw
     norm (and/or the loss) exceeds mean + k * std of the last `window` accepted values, once `min_count` of
     them were seen. The statistics are the window's population mean and std (a single value: std 0). The
@@ -331,6 +324,8 @@ class SpikeSkip:
     the policy) and enters the window, so the statistics follow a level shift at 1 step in max_consecutive+1.
     """
 
+    STATE = ("count", "values", "run")
+
     def __init__(self, k: float, window: int = 128, min_count: int = 64, on: str = "norm", max_consecutive: int = 5):
         if not k > 0 or window < 1 or not 1 <= min_count <= window or on not in ("norm", "loss", "both") \
                 or max_consecutive < 1:
@@ -341,10 +336,6 @@ class SpikeSkip:
         self.run = torch.zeros((), dtype=torch.int64)  # spikes skipped in a row
         self.count = torch.zeros((), dtype=torch.int64)
         self.values = torch.zeros((2, self.window), dtype=torch.float64)  # rows: norm, loss
-
-    def to(self, device: torch.device) -> "SpikeSkip":
-        self.count, self.values, self.run = self.count.to(device), self.values.to(device), self.run.to(device)
-        return self
 
     def limits(self) -> torch.Tensor:
         """mean + k * std of the window, for (norm, loss); +inf before `min_count` values."""
@@ -385,15 +376,6 @@ class SpikeSkip:
         if self.on != "norm":
             out["clip/spike_loss_limit"] = limit[1]
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count.cpu(), "values": self.values.cpu(), "run": self.run.cpu()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["values"].shape != self.values.shape:
-            raise ValueError("the checkpoint's spike window has another size than clip.skip_window")
-        device = self.count.device
-        self.count, self.values, self.run = (state[k].to(device) for k in ("count", "values", "run"))
 
 
 POLICIES: dict[str, Callable[[ClipConfig], ClipPolicy]] = {

@@ -581,16 +581,18 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
                                  spike_skipped_total=spikes if s.skip is not None else None)
             for sink in sinks:
                 sink.log(record)
-            layers = None
-            if m.param_norms is not None and (spike_sinks or layer_sinks):
-                layers = layer_norms(s.param_names, m.param_norms)
-            if spike_sinks and is_spike(m):
+            spike = bool(spike_sinks) and is_spike(m)
+            per_layer = bool(every_layer) and n % every_layer == 0
+            # Each module's norm (one read of the per-tensor norms), only on the rows that use it.
+            layers = layer_norms(s.param_names, m.param_norms) if m.param_norms is not None and (
+                spike or per_layer) else None
+            if spike:
                 batch = batch_of(s, n - 1)
                 line = spike_record(step=n, batch=batch + 1, record=record, m=m, layers=layers,
                                     top_k=cfg.logging.spike_top_k, samples=s.batches.indices(batch).tolist())
                 for sink in spike_sinks:
                     sink.log(line)
-            if layers is not None and every_layer and n % every_layer == 0:
+            if layers is not None and per_layer:
                 row = {"step": n, **{f"grad_norm_layer/{k}": v for k, v in layers.items()}}
                 for sink in layer_sinks:
                     sink.log(row)
