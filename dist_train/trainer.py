@@ -423,12 +423,24 @@ def find_resume(s: Setup, run_dir: RunDir) -> tuple[Optional[Path], Optional[str
     """(the checkpoint train.resume names, the run's origin); (None, None): start at step 0. Every rank
     takes part (the files are checked together); rank 0 warns about the checkpoints passed over."""
     s.dist.on_main(lambda: ckpt.remove_leftovers(run_dir.path / ckpt.DIR))
+    error: Optional[UsageError] = None
     try:
-        return ckpt.resolve_resume(s.cfg.train.resume, run_dir.path, functools.partial(check_checkpoint, s),
-                                   warn=s.dist.is_main)
+        found = ckpt.resolve_resume(s.cfg.train.resume, run_dir.path, functools.partial(check_checkpoint, s),
+                                    warn=s.dist.is_main)
     except UsageError as e:
-        e.scope = "main"  # every rank found it alike; rank 0 says it
-        raise
+        error = e
+    # Every rank reads the run directory above and rank 0 writes it next (config.yaml, metrics.jsonl), so no
+    # rank goes on before every rank has read it: a late rank would find the new run's files there and
+    # refuse it as "another run". Ranks that read the same files decide alike; should they not, each says why.
+    if not s.dist.any(error is not None):
+        return found
+    everywhere = not s.dist.any(error is None)
+    if error is None:
+        error = UsageError("train.resume: another rank could not resolve the checkpoint (its error says why)")
+        error.scope = "main"
+    elif everywhere:
+        error.scope = "main"  # every rank found it alike; rank 0 says it
+    raise error
 
 
 @dataclass

@@ -116,9 +116,28 @@ def signal_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if os.environ.get("WHERE_DIR"):  # which node each rank ran on (Slurm's simulated nodes share one host)
         where = Path(os.environ["WHERE_DIR"]) / f"rank{rank}"
         where.write_text(f"{os.environ.get('SLURMD_NODENAME', '?')}\n")
+    if os.environ.get("LATE_RANK") == str(rank):  # this rank reads the run directory late, when resuming
+        _read_late(float(os.environ.get("LATE_S", "3")))
     model = SignalAt(TinyGPT(cfg, vocab_size), at, getattr(S, os.environ.get("STOP_SIGNAL", "SIGTERM")), target)
     model.sleep = float(os.environ.get("SLOW_S", "0"))  # seconds per training forward: time to act mid-run
     return model
+
+
+def _read_late(seconds: float) -> None:
+    """Delay this rank's look at whether run.out_dir already holds a run (train.resume=<path>): the last
+    read of the run directory before rank 0 writes it. A rank that is descheduled there on a loaded
+    machine does the same."""
+    import time
+
+    from dist_train import checkpoint
+
+    holds = checkpoint._holds_a_run
+
+    def late(out_dir: Path) -> bool:
+        time.sleep(seconds)
+        return holds(out_dir)
+
+    checkpoint._holds_a_run = late
 
 
 class SignalAt(nn.Module):

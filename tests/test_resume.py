@@ -33,8 +33,9 @@ KEYS = ("train/loss", "grad_norm/raw", "grad_norm/clipped", "grad_norm/clip_coef
         "optim/step_skipped", "optim/skipped_steps")
 
 
-def train(run: Path, how: str, nproc: int = 1, *extra: str, stop: bool = False, wandb: str = "disabled"):
-    env = {"STOP_AT_CALL": STOP_CALL, "STOP_TARGET": "self" if how == "single" else "parent"} if stop else {}
+def train(run: Path, how: str, nproc: int = 1, *extra: str, stop: bool = False, wandb: str = "disabled", **env: str):
+    if stop:
+        env.update(STOP_AT_CALL=STOP_CALL, STOP_TARGET="self" if how == "single" else "parent")
     args = [f"run.out_dir={run}", f"logging.wandb.mode={wandb}", *extra]
     if how == "single":
         return cli("train", *BASE, *args, env=env)
@@ -101,10 +102,14 @@ def test_single_process_resumes_exactly_and_continues_the_wandb_run(tmp_path):
 def test_ddp_resumes_exactly_and_on_another_world_size(tmp_path):
     ref, run, k = stop_and_resume(tmp_path, "ddp", 2)
     assert_resumed_equals(run, ref, k)
-    # The 2-process checkpoint of step k, resumed on 1 and on 3 processes.
+    # The 2-process checkpoint of step k, resumed on 1 and on 3 processes. On 3, the last rank reads the new
+    # run directory 3 s late: it must not find the files rank 0 writes there as "another run" (rank 2 failed
+    # so, unreported, once in CI: rank 0 went on to write config.yaml and metrics.jsonl while it lagged).
     for nproc in (1, 3):
         other = tmp_path / f"on{nproc}"
-        p = train(other, "ddp" if nproc > 1 else "single", nproc, f"train.resume={run / 'checkpoints' / f'step_{k:08d}'}")
+        late = {"LATE_RANK": "2"} if nproc == 3 else {}
+        p = train(other, "ddp" if nproc > 1 else "single", nproc, f"train.resume={run / 'checkpoints' / f'step_{k:08d}'}",
+                  **late)
         assert p.returncode == 0, p.stdout + p.stderr
         rows = read_jsonl(other / "metrics.jsonl")
         assert rows[0]["step"] > k  # a new run directory: its metrics start after the checkpoint
