@@ -531,6 +531,12 @@ def startup_summary(s: Setup, out: Outputs, resumed: bool = False) -> list[str]:
     if cfg.logging.per_layer_every and s.strategy.engine_steps:
         lines.append("dist-train: note: logging.per_layer_every logs nothing under DeepSpeed: its engine computes the "
                      "gradient norm inside its own step, over its partitions, and reports the total only")
+    if cfg.clip.skip_on != "norm" and not cfg.clip.skip_sigma:
+        lines.append(f"dist-train: note: clip.skip_on={cfg.clip.skip_on} does nothing without clip.skip_sigma > 0: "
+                     "spike skipping is off")
+    if cfg.data.skip_steps_file is not None and not C.skipped_batches(dataclasses.replace(cfg.data, skip_steps=[])):
+        lines.append(f"dist-train: note: data.skip_steps_file '{cfg.data.skip_steps_file}' lists no batch: it leaves "
+                     "nothing out")
     if out.wandb is None:
         lines.append("dist-train: W&B disabled")
     elif out.wandb.sync_dir is not None:

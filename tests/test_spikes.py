@@ -231,3 +231,19 @@ def test_a_resume_with_another_window_size_starts_the_statistics_afresh(tmp_path
     assert "spike window state does not fit" in err, err
     rows = read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert rows[0]["grad_norm/threshold"] == 1.0  # the warm-up's max_norm again: the window starts empty
+
+
+def test_settings_that_would_do_nothing_are_named_at_startup(tmp_path, capsys):
+    """clip.skip_on without clip.skip_sigma, and a skip file that lists no batch: a note each, not silence."""
+    empty = tmp_path / "spikes.jsonl"
+    empty.write_text("\n")
+    args = ["train", "-c", str(DEBUG), *SMALL, "train.max_steps=2", f"run.out_dir={tmp_path / 'a'}"]
+    assert main([*args, "clip.skip_on=loss", f"data.skip_steps_file={empty}"]) == 0
+    err = capsys.readouterr().err
+    assert "dist-train: note: clip.skip_on=loss does nothing without clip.skip_sigma > 0: spike skipping is off" in err
+    assert f"dist-train: note: data.skip_steps_file '{empty}' lists no batch: it leaves nothing out" in err
+    # Neither note when the settings take effect (skip_sigma set, a batch listed, even one also in skip_steps).
+    empty.write_text("3\n")
+    assert main([*args[:-1], f"run.out_dir={tmp_path / 'b'}", "clip.skip_on=loss",
+                 *SKIP, f"data.skip_steps_file={empty}", "data.skip_steps=[3]"]) == 0
+    assert "dist-train: note: clip.skip_on" not in (err := capsys.readouterr().err) and "lists no batch" not in err
