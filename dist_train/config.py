@@ -396,12 +396,13 @@ def _finite(value: float, key: str, lo: float, hi: float = math.inf, lo_open: bo
 GiB = 1024**3
 MAX_SEED = 2**62  # seed + epoch and seed + rank must stay within torch's 64-bit seeds
 MAX_TIMEOUT_S = 7 * 24 * 3600
+#: The clip policies (dist_train.clip.POLICIES builds them), named here so that a config is checked as far
+#: as it can be without importing torch: a typo is reported in a fraction of a second.
+POLICY_NAMES = ("none", "fixed", "zscore", "percentile", "agc")
 
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; everything checkable before training."""
-    from dist_train.clip import POLICIES
-
     t = cfg.train
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     _require(t.global_batch_size > 0, "train.global_batch_size", f"must be > 0, got {t.global_batch_size}")
@@ -433,7 +434,8 @@ def validate(cfg: Config) -> None:
         "reached; lower it",
     )
     c = cfg.clip
-    _require(c.policy in POLICIES, "clip.policy", f"unknown policy '{c.policy}'; choose one of {', '.join(POLICIES)}")
+    _require(c.policy in POLICY_NAMES, "clip.policy",
+             f"unknown policy '{c.policy}'; choose one of {', '.join(POLICY_NAMES)}")
     _finite(c.max_norm, "clip.max_norm", 0)
     # A large eps silently shrinks every step (eps=inf trains nothing); 1e-6 is the norm.
     _finite(c.eps, "clip.eps", 0, hi=1e-2, lo_open=False)
@@ -473,6 +475,9 @@ def validate(cfg: Config) -> None:
             "online needs a W&B API key, and none is configured; run 'wandb login' or set WANDB_API_KEY, "
             "or use logging.wandb.mode=offline",
         )
+    _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
+    _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
+    _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
     m = cfg.model
     for key in ("n_layer", "n_head", "d_model", "block_size"):
         v = getattr(m, key)
@@ -482,7 +487,7 @@ def validate(cfg: Config) -> None:
     if m.factory is not None:
         resolve_factory(m.factory)
     vocab_size = _validate_data(cfg.data, m.block_size)
-    import torch
+    import torch  # the checks above need none (a typo is reported at once); those below need the device
 
     cuda = torch.cuda.is_available()
     if t.device == Device.cuda:
@@ -493,9 +498,6 @@ def validate(cfg: Config) -> None:
             "dist.backend",
             "nccl needs CUDA devices, and this run trains on the CPU; use auto or gloo",
         )
-    _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
-    _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
-    _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
     _check_fits_in_memory(cfg, vocab_size, on_gpu=cuda and t.device != Device.cpu)
     from dist_train.strategies import resolve
 

@@ -284,3 +284,11 @@ def test_agc_on_fp16_scaled_gradients_judges_the_unscaled_norm():
     n_scaled = AGC(0.05).apply_([(w, scaled)], torch.tensor(1024.0))
     torch.testing.assert_close(scaled / 1024, plain)
     assert n_scaled.item() == pytest.approx(n_plain.item(), rel=1e-6)
+
+
+def test_the_config_names_exactly_the_policies_there_are():
+    """config.POLICY_NAMES (checked without importing torch) and clip.POLICIES (what builds them) agree."""
+    from dist_train.clip import POLICIES
+    from dist_train.config import POLICY_NAMES
+
+    assert tuple(POLICIES) == POLICY_NAMES
