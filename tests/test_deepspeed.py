@@ -261,11 +261,13 @@ class PerParameterClip(FixedClip):
 @pytest.mark.parametrize("policy, fragment", [(CurrentNormClip, "needs this step's gradient norm before clipping"),
                                               (PerParameterClip, "needs per-parameter gradients")])
 def test_a_policy_the_engine_cannot_serve_is_refused_at_config_load(monkeypatch, policy, fragment):
-    from dist_train import clip
+    from dist_train import clip, config
     from dist_train.config import load_config
     from dist_train.errors import ConfigError
 
     monkeypatch.setitem(clip.POLICIES, policy.name, lambda cfg: policy(cfg.max_norm))
+    # a policy is registered twice: where it is built, and by name for the torch-free config check
+    monkeypatch.setattr(config, "POLICY_NAMES", (*config.POLICY_NAMES, policy.name))
     overrides = [f"clip.policy={policy.name}", "logging.wandb.mode=disabled"]
     load_config(ROOT / "configs/debug.yaml", overrides)  # fine where dist_train clips
     with pytest.raises(ConfigError, match=fragment):
