@@ -43,6 +43,7 @@ def runnable(command: str) -> str | None:
         return None
     out = []
     for p in parts:
+        p = re.sub(r"\s+#.*$", "", p)  # a trailing comment would swallow what is appended
         if "benchmarks/" in p and "--quick" not in p:  # a --quick grid is short already
             p += " --steps 2 --rounds 1"
         elif ("dist-train train" in p or "launch/" in p) and "COMMAND=verify" not in p:
@@ -57,6 +58,7 @@ def test_readme_lists_the_commands_this_test_expects():
     assert commands[1] == "pip install -e . && dist-train train --config configs/debug.yaml"
     assert "pip install -e '.[dev]' && python -m pytest -q" in commands
     assert sum(runnable(c) is not None for c in commands) >= 8
+    assert runnable("launch/debug.sh run.out_dir=runs/x  # one process") == f"launch/debug.sh run.out_dir=runs/x {FEW_STEPS}"
 
 
 @pytest.fixture(scope="module")
