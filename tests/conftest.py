@@ -7,25 +7,42 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs/debug.yaml"
 #: A short debug run for end-to-end comparisons of launchers and strategies.
 FAST = ["train.max_steps=12", "optim.warmup_steps=4", "logging.every=4", "logging.progress=plain"]
 
 
+#: The shims (`python`, `dist-train`) that send a shell line's dist_train commands to the forkserver.
+SHIMS = ROOT / "tests" / "bin"
+#: The interpreter the shims run (the one running the tests).
+os.environ["DIST_TRAIN_TEST_PYTHON"] = sys.executable
+
+
 def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m dist_train ARGS` as a user would; W&B never goes online in tests."""
+    """Run `python -m dist_train ARGS` as a user would, as its own process forked by the warm test server
+    (tests/forkserver.py); W&B never goes online in tests."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     full_env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)})
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "dist_train", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return forkserver.run(list(args), cwd=cwd, env=full_env, timeout=timeout)
+
+
+def fresh_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cli`, but a fresh interpreter (`sys.executable -m dist_train`): for what only a cold start shows."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    full_env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)})
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forkserver_shutdown():
+    yield
+    forkserver.ForkServer.shutdown()
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
-"""Bad input, table-driven, through the real CLI (and launch/torchrun.sh) as subprocesses.
+"""Bad input, table-driven, through the real CLI (and launch/torchrun.sh), each case its own process.
 
 Every case runs in its own fresh working directory and must end with its exit
 code (2 bad input, 1 found only while training), exactly one line on stderr
 naming what is wrong, no traceback, and nothing written: the directory holds
 exactly the fixture files the case created itself.
 
-All subprocesses run once, concurrently, in a module-scoped fixture; the
-parametrized tests then only assert.
+All processes run once, concurrently, in a module-scoped fixture; the
+parametrized tests then only assert. A case's process is forked by the warm test
+server (tests/forkserver.py: its own pid, cwd, environment, stdio and exit code,
+without paying for `import torch` again); the cases in FRESH are fresh
+interpreters, for what only a cold start shows.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Callable, Optional
 
 import pytest
 
-from tests.conftest import ROOT
+from tests import forkserver
+from tests.conftest import ROOT, SHIMS
 
 CONFIG = str(ROOT / "configs/debug.yaml")
 LAUNCH = str(ROOT / "launch/torchrun.sh")
@@ -41,6 +45,9 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
 #: Settings of launch/torchrun.sh stripped from every case's environment.
 LAUNCH_VARS = ("CONFIG", "COMMAND", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_TIMEOUT",
                "MAX_RESTARTS", "PYTHON", "DS_CONFIG", "LAUNCHER", "NUM_PROCESSES", "HOSTFILE")
+#: Cases run by a fresh interpreter (`python -m dist_train`), not forked warm: a cold start's exit code, one
+#: line and no traceback, for an error found before torch is imported, in the model factory, and in training.
+FRESH = ("config_missing", "factory_raises", "factory_fails_while_training", "text_file_not_utf8")
 TIMEOUT = 60  # a case that hangs (a FIFO opened for reading) fails after this
 
 
@@ -266,8 +273,6 @@ CASES = [
     Case("num_samples_int_1e10", [*TRAIN, "data.num_samples=10000000000"], "'data.num_samples'"),
     Case("d_model_huge", [*TRAIN, "model.d_model=400000"], "'model.d_model'"),
     Case("timeout_inf", [*TRAIN, "dist.timeout_s=inf"], "'dist.timeout_s'"),
-    Case("warmup_longer_than_run", [*TRAIN, "optim.warmup_steps=500", "train.max_steps=300"],
-         "'optim.warmup_steps': 500 is more than train.max_steps=300"),
     Case("global_batch_zero", [*TRAIN, "train.global_batch_size=0"], "'train.global_batch_size': must be > 0"),
     Case("max_steps_not_a_number", [*TRAIN, "train.max_steps=ten"], "'train.max_steps'"),
     # ---- checkpoints and resume --------------------------------------------------------------------------
@@ -365,6 +370,14 @@ CASES = [
          **launch(MAX_RESTARTS="-1", NPROC_PER_NODE="2")),
     Case("launch_bad_override", fragment="unknown config key 'train.bogus'", fragment_from_cli=True,
          **launch("train.bogus=1", NPROC_PER_NODE="2")),
+    # The preflight checks what it can before the launch: a missing checkpoint is one line, not a rank's
+    # error and torchrun's failure table.
+    Case("launch_resume_missing", fragment="train.resume: the checkpoint", fragment_from_cli=True,
+         **launch("train.resume={d}/old/checkpoints/step_00000010", NPROC_PER_NODE="2")),
+    Case("bare_key_override", [*TRAIN, "lr=1e-3"], "did you mean optim.lr=1e-3?"),
+    Case("config_key_as_a_flag", ["train", "--config", CONFIG, "--max_steps", "10"],
+         "'--max_steps' is not an option: config keys are key=value overrides, e.g. train.max_steps=10"),
+    Case("precision_unknown", [*TRAIN, "train.precision=fp8"], "expected one of auto, fp32 (or no), bf16, fp16"),
     # ---- DeepSpeed: a JSON that contradicts the config names the key to change ---------------------------
     Case("ds_batch_size", fragment="sets train_batch_size=64, but train.global_batch_size gives 32",
          **deepspeed('{"train_batch_size": 64}')),
@@ -502,14 +515,19 @@ def _run(case: Case, base: Path) -> Result:
     env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
     env.update({k: v.format(d=d) for k, v in case.env.items()})
     args = [a.format(d=d) for a in case.args]
-    if case.launch:
-        env["PYTHON"] = sys.executable
-        cmd = ["bash", case.script, *args]
-    else:
-        cmd = [sys.executable, "-m", "dist_train", *args]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        if case.launch:
+            # The script's own `$PYTHON -m dist_train ... --check` is forked warm (tests/bin/python); its
+            # launcher is the real interpreter.
+            env["PYTHON"] = str(SHIMS / "python")
+            proc = subprocess.run(["bash", case.script, *args], cwd=d, env=env, capture_output=True, text=True,
+                                  timeout=TIMEOUT)
+        elif case.name in FRESH:
+            proc = subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=d, env=env, capture_output=True,
+                                  text=True, timeout=TIMEOUT)
+        else:
+            proc = forkserver.run(args, cwd=d, env=env, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as e:  # a hang (a FIFO opened for reading) is a failure, not a stuck suite
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
@@ -519,7 +537,7 @@ def _run(case: Case, base: Path) -> Result:
 
 @pytest.fixture(scope="module")
 def results(request):
-    """Every selected case's result, by name; the subprocesses run 4 at a time."""
+    """Every selected case's result, by name; the processes run 4 at a time."""
     # Only the cases whose tests were collected (-k), so that one case can be rerun on its own.
     selected = {item.callspec.params["case"].name for item in request.session.items
                 if isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("case"), Case)}
@@ -539,6 +557,7 @@ def _shown(r: Result) -> str:
 def test_at_least_45_bad_inputs():
     assert len(BAD) >= 45
     assert len({c.name for c in CASES}) == len(CASES)
+    assert set(FRESH) <= {c.name for c in CASES}
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.name for c in BAD])

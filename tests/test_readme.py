@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests import forkserver
+from tests.conftest import ROOT, SHIMS
 
 FEW_STEPS = "train.max_steps=20"
 
@@ -75,8 +76,11 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
     bin_dir = os.path.dirname(sys.executable)  # where `dist-train` and `python` of this environment live
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(fresh_copy), NETRC=str(netrc),
-               WANDB_SILENT="true")
+    # `dist-train ...` and `python -m dist_train ...` are forked warm by the test server (the shims in
+    # tests/bin, ahead of bin_dir); every other `python` is the real interpreter.
+    forkserver.ForkServer.get()
+    env.update(PATH=f"{SHIMS}{os.pathsep}{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(fresh_copy),
+               NETRC=str(netrc), WANDB_SILENT="true", DIST_TRAIN_TEST_FORKSERVER=os.environ[forkserver.SOCKET_ENV])
     ran = []
     for command in readme_commands():
         line = runnable(command)

@@ -1,0 +1,304 @@
+"""A warm interpreter that forks one real process per `dist-train` command, for tests.
+
+A fresh `python -m dist_train` pays 3-7 s before it does anything: `import torch`,
+`torch._dynamo` (which torch's optimizers import on first use) and matplotlib. A
+suite that runs a few hundred commands spends most of its time there. This server
+imports those third-party modules once; each command is then a `fork()` of it that
+becomes the command: its own pid, process group, working directory, environment,
+`sys.path` (its cwd, then PYTHONPATH, as `python -m` builds it), stdin/stdout/stderr
+(the caller's file descriptors, passed over a Unix socket), signals and exit code.
+It runs `dist_train`'s real entry point (`python -m dist_train` or the `dist-train`
+console script) and ends as an interpreter ends: atexit handlers, non-daemon
+threads joined, streams flushed.
+
+What is not the same as a fresh interpreter, and why it does not matter here:
+the server imported torch, numpy, matplotlib, omegaconf, wandb and tqdm before the
+command's environment was set, so an environment variable those read at import
+time would be missed (no test sets one); and dist_train itself is never imported
+by the server, so a command gets the dist_train its PYTHONPATH names (the README
+test's fresh copy). Launchers (torchrun, accelerate, deepspeed) start their
+workers with `sys.executable`, so those are fresh interpreters as in real use,
+and a few tests keep a plain `python -m dist_train` subprocess for what only a
+fresh one shows.
+
+    python tests/forkserver.py SOCKET       the server (started by `ForkServer.get()`)
+    tests/bin/dist-train, tests/bin/python  shims for shell commands (the README's)
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+#: The modules a command would spend its start-up importing (dist_train's own are left to the command).
+WARM = ("numpy", "torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp", "torch.optim",
+        "omegaconf", "tqdm", "matplotlib", "matplotlib.pyplot", "matplotlib.figure", "wandb")
+SOCKET_ENV = "DIST_TRAIN_TEST_FORKSERVER"
+
+
+# ---- wire format: length-prefixed pickles, fds alongside ---------------------------------------------
+def _send(sock: socket.socket, obj, fds: tuple[int, ...] = ()) -> None:
+    data = pickle.dumps(obj)
+    msg = struct.pack("!I", len(data)) + data
+    if fds:
+        socket.send_fds(sock, [msg], list(fds))
+    else:
+        sock.sendall(msg)
+
+
+def _recv(sock: socket.socket, with_fds: bool = False):
+    fds: list[int] = []
+    head = b""
+    while len(head) < 4:
+        if with_fds and not fds:
+            chunk, got, _, _ = socket.recv_fds(sock, 4 - len(head), 8)
+            fds.extend(got)
+        else:
+            chunk = sock.recv(4 - len(head))
+        if not chunk:
+            raise EOFError("forkserver connection closed")
+        head += chunk
+    (n,) = struct.unpack("!I", head)
+    body = b""
+    while len(body) < n:
+        chunk = sock.recv(n - len(body))
+        if not chunk:
+            raise EOFError("forkserver connection closed")
+        body += chunk
+    return (pickle.loads(body), fds) if with_fds else pickle.loads(body)
+
+
+# ---- the server --------------------------------------------------------------------------------------
+def _child(req: dict, fds: list[int], close: list[socket.socket]) -> None:
+    """Become the command (never returns)."""
+    code = 1
+    try:
+        for s in close:
+            s.close()
+        os.setpgid(0, 0)
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        env = req["env"]
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(env)
+        sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [os.getcwd(), *extra, *_BASE_PATH]
+        unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                      line_buffering=os.isatty(1), write_through=unbuffered)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                      errors="backslashreplace", line_buffering=True)
+        sys.argv = list(req["argv"])
+        code = _run_main(req["kind"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            import atexit
+
+            threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads, as exit does
+            atexit._run_exitfuncs()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+        finally:
+            os._exit(code & 0xFF if code >= 0 else 1)
+
+
+def _run_main(kind: str) -> int:
+    import runpy
+
+    if kind == "module":  # python -m dist_train ...
+        sys.argv[0] = "-m"
+        runpy.run_module("dist_train", run_name="__main__", alter_sys=True)
+    else:  # the dist-train console script
+        from dist_train.cli import entry
+
+        entry()
+    return 0
+
+
+_BASE_PATH: list[str] = []
+
+
+def serve(path: str) -> None:
+    here = str(Path(__file__).resolve().parent)
+    _BASE_PATH[:] = [p for p in sys.path if p and os.path.abspath(p) != here]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import importlib
+
+    for name in WARM:
+        importlib.import_module(name)
+    parent = os.getppid()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    waiting: dict[int, socket.socket] = {}
+    print("ready", flush=True)
+    while True:
+        ready, _, _ = select.select([listener], [], [], 0.02)
+        if ready:
+            conn, _ = listener.accept()
+            try:
+                req, fds = _recv(conn, with_fds=True)
+            except (EOFError, OSError):
+                conn.close()
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(req, fds, [listener, conn, *waiting.values()])
+            for fd in fds:
+                os.close(fd)
+            try:
+                _send(conn, {"pid": pid})
+            except OSError:
+                pass
+            waiting[pid] = conn
+        while waiting:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = waiting.pop(pid, None)
+            if conn is not None:
+                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                try:
+                    _send(conn, {"returncode": code})
+                except OSError:
+                    pass
+                conn.close()
+        if os.getppid() != parent:  # the test session is gone
+            os._exit(0)
+
+
+# ---- the client --------------------------------------------------------------------------------------
+class ForkServer:
+    _instance: Optional["ForkServer"] = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="dist_train_forkserver_")
+        self.path = os.path.join(self.dir, "sock")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path], stdout=subprocess.PIPE, env=env,
+                                     cwd=self.dir, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the test forkserver did not start (exit {self.proc.poll()})")
+        os.environ[SOCKET_ENV] = self.path  # for the shims in tests/bin
+
+    @classmethod
+    def get(cls) -> "ForkServer":
+        with cls._lock:
+            if cls._instance is None or cls._instance.proc.poll() is not None:
+                cls._instance = ForkServer()
+            return cls._instance
+
+    @classmethod
+    def shutdown(cls) -> None:
+        with cls._lock:
+            if cls._instance is not None and cls._instance.proc.poll() is None:
+                cls._instance.proc.terminate()
+                cls._instance.proc.wait(10)
+            cls._instance = None
+
+
+def start(argv: list[str], cwd, env: dict, fds: tuple[int, int, int], kind: str = "module",
+          path: Optional[str] = None) -> tuple[socket.socket, int]:
+    """Ask the server to fork a command with these stdio fds; the connection and the command's pid."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path or ForkServer.get().path)
+    _send(sock, {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "kind": kind}, fds)
+    return sock, _recv(sock)["pid"]
+
+
+def wait(sock: socket.socket, pid: int, timeout: Optional[float]) -> Optional[int]:
+    """The command's exit code (negative: killed by that signal); None if `timeout` ran out (it is killed)."""
+    if timeout is not None:
+        r, _, _ = select.select([sock], [], [], timeout)
+        if not r:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _recv(sock)
+            sock.close()
+            return None
+    code = _recv(sock)["returncode"]
+    sock.close()
+    return code
+
+
+def run(args: list[str], cwd, env: dict, timeout: Optional[float] = None, input: str = "") -> subprocess.CompletedProcess:
+    """`subprocess.run([python, -m, dist_train, *args], capture_output=True, text=True)`, forked warm."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
+        inp.write(input.encode())
+        inp.seek(0)
+        t0 = time.monotonic()
+        sock, pid = start(["-m", *args], cwd, env, (inp.fileno(), out.fileno(), err.fileno()))
+        code = wait(sock, pid, timeout)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    cmd = [sys.executable, "-m", "dist_train", *args]
+    if code is None:
+        raise subprocess.TimeoutExpired(cmd, time.monotonic() - t0, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
+
+
+def shim(kind: str) -> None:
+    """A `dist-train` or `python -m dist_train` command of a shell line: forked by the server, with this
+    process's stdio; signals sent to this process are passed on; exits as the command did."""
+    path = os.environ[SOCKET_ENV]
+    argv = ["dist-train" if kind == "script" else "-m", *sys.argv[1:]]
+    sock, pid = start(argv, os.getcwd(), dict(os.environ), (0, 1, 2), kind, path)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, lambda s, _f: os.kill(pid, s))
+    code = wait(sock, pid, None)
+    if code is not None and code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
