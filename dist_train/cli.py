@@ -25,6 +25,24 @@ INJECTIONS = ("unsynced-grads",)
 QUIET_RANK_EXIT_DELAY_S = 2.0  # faults `verify --inject` can plant (dist_train.verify)
 
 
+TRAIN_EPILOG = """\
+config keys (override any as section.key=value; `--print-config` lists them all with their meaning):
+  run.      out_dir name overwrite
+  train.    max_steps global_batch_size grad_accum_steps seed device precision checkpoint
+            checkpoint_every keep_checkpoints resume
+  optim.    lr weight_decay beta1 beta2 warmup_steps schedule
+  clip.     policy max_norm warmup_steps zscore_* percentile window agc_* skip_* eps max_consecutive_nonfinite
+  logging.  every per_layer_every spike_top_k progress wandb.mode wandb.project wandb.entity
+  model.    factory n_layer n_head d_model block_size dropout
+  data.     text_file token_file token_dtype num_samples skip_steps skip_steps_file vocab_size
+  dist.     strategy deepspeed_config backend timeout_s check_sync_every
+
+examples:
+  dist-train train --config configs/debug.yaml train.max_steps=10
+  dist-train train --config configs/debug.yaml --print-config optim.lr=3e-4
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -35,9 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks (accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train with a config file and key=value overrides")
+    t = sub.add_parser("train", help="train with a config file and key=value overrides",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
     t.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     t.add_argument("--check", action="store_true", help="check the config and the run directory, then exit")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults < --config < overrides), each key with its meaning, "
+                   "then exit")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
 
     v = sub.add_parser("verify", help="check distributed training against a single-process reference")
@@ -91,17 +113,28 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _say_notes(cfg) -> None:
+    """The config's notes (dist_train.config.notes), once per job: by rank 0."""
+    from dist_train.config import notes
+    from dist_train.launchers import ranks_from_env
+
+    if ranks_from_env()[0] == 0:
+        for note in notes(cfg):
+            _say(f"dist-train: note: {note}")
+
+
 def _stop_signal(is_main: bool):
+    from dist_train.progress import say  # like _say, but on a line of its own above a progress bar
     from dist_train.signals import StopSignal
 
     def first(signum: int) -> None:
         if is_main:
-            _say(f"dist-train: {signal_name(signum)} received; stopping after the current optimizer step "
-                 "(send it again to abort at once)")
+            say(f"dist-train: {signal_name(signum)} received; stopping after the current optimizer step "
+                "(send it again to abort at once)")
 
     def abort(signum: int) -> None:
-        _say(f"dist-train: {signal_name(signum)} received again; aborting at once "
-             "(metrics.jsonl holds every step logged so far)")
+        say(f"dist-train: {signal_name(signum)} received again; aborting at once "
+            "(metrics.jsonl holds every step logged so far)")
         os._exit(128 + signum)
 
     from dist_train.distributed import in_slurm_step
@@ -114,10 +147,22 @@ def _train(args: argparse.Namespace) -> int:
     from dist_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from dist_train.config import describe_config
+
+        sys.stdout.write(describe_config(cfg))
+        return 0
+    _say_notes(cfg)
     if args.check:
         from dist_train.rundir import RunDir
 
         RunDir(cfg.run.out_dir).check(cfg.run.overwrite, cfg.train.resume != "none")
+        if cfg.train.resume != "none":  # the checkpoint named exists and is intact (a launcher's preflight)
+            from pathlib import Path
+
+            from dist_train.checkpoint import resolve_resume
+
+            resolve_resume(cfg.train.resume, Path(cfg.run.out_dir), warn=False)
         _say("dist-train: config OK")
         return 0
     from dist_train.distributed import DistState, requeue_slurm_job, slurm_job_id
@@ -255,13 +300,35 @@ def _printed_here(err: DistTrainError) -> bool:
     return {"every": True, "node": local_rank == 0, "main": rank == 0}.get(err.scope, True)
 
 
+def _steered(e: UsageError, argv: list[str]) -> UsageError:
+    """`--max_steps 10` (or `--train.max_steps=10`) is a config key written as a flag: name the override."""
+    if "unrecognized arguments" not in str(e):
+        return e
+    from dist_train.config import all_keys, keys_named
+
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+        keys = [name.replace("-", "_")] if name.replace("-", "_") in all_keys() else keys_named(name)
+        if keys:
+            return UsageError(f"'{token}' is not an option: config keys are key=value overrides, e.g. "
+                              f"{' or '.join(f'{k}={value}' for k in keys)} (see 'dist-train train --print-config')")
+    return e
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     _setup_logging(debug)
     try:
-        args = _parser().parse_args(argv)
+        try:
+            args = _parser().parse_args(argv)
+        except UsageError as e:
+            raise _steered(e, argv) from None
         return COMMANDS[args.command](args)
     except SystemExit:  # --help
         raise

@@ -37,6 +37,11 @@ class Precision(str, enum.Enum):
     bf16 = "bf16"
     fp16 = "fp16"
 
+    @property
+    def label(self) -> str:
+        """The name a user reads: fp32 for `no` (Accelerate's spelling, kept as the stored value)."""
+        return "fp32" if self is Precision.no else self.value
+
 
 class WandbMode(str, enum.Enum):
     auto = "auto"  # online when an API key is configured, else offline
@@ -99,8 +104,8 @@ class TrainConfig:
     device: Device = Device.auto
     """auto: CUDA when available, else CPU."""
     precision: Precision = Precision.auto
-    """auto (Accelerate's mixed_precision under accelerate launch, else fp32) | no (fp32; `fp32` is accepted
-    too) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
+    """auto (Accelerate's mixed_precision under accelerate launch, else fp32) | fp32 (also spelt no, as
+    Accelerate does) | bf16 (autocast) | fp16 (autocast + GradScaler, unscaled before the norm)."""
     checkpoint: bool = True
     """Write checkpoints to <run dir>/checkpoints/: every train.checkpoint_every steps, at the end, and when a
     stop signal arrives."""
@@ -121,7 +126,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 0
-    """Linear warm-up from 0 to lr over this many optimizer steps."""
+    """Linear warm-up from 0 to lr over this many optimizer steps: step s (1-based) takes lr * s / warmup_steps.
+    A warm-up longer than train.max_steps is allowed (a startup note says so): the rate ramps and never reaches
+    its peak."""
     schedule: Schedule = Schedule.constant
     """After warm-up: constant, or cosine decay to 10% of lr at max_steps."""
 
@@ -268,6 +275,23 @@ def all_keys(schema: Any = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def keys_named(leaf: str) -> list[str]:
+    """The dotted keys whose last part is `leaf` ('lr' -> ['optim.lr']; '-' read as '_')."""
+    leaf = leaf.replace("-", "_")
+    return [k for k in all_keys() if k.rpartition(".")[2] == leaf]
+
+
+def _steer_bare_key(item: str) -> None:
+    """`lr=1e-3` names a key without its section: say which key it means, with the user's value."""
+    key, _, value = item.partition("=")
+    if "." in key or key in {f.name for f in dataclasses.fields(Config)}:
+        return
+    matches = keys_named(key)
+    if matches:
+        raise ConfigError(f"override '{item}' names no section; did you mean "
+                          f"{' or '.join(f'{k}={value}' for k in matches)}? (keys are section.key)")
+
+
 def _unknown_key(key: str) -> str:
     """The unknown-key message, with the nearest valid keys (typos) or the valid choices."""
     keys = all_keys()
@@ -290,9 +314,15 @@ def _unknown_key(key: str) -> str:
 LIST_KEYS = {"data.skip_steps": "data.skip_steps=[120,121,122]"}
 
 
+#: Enum keys whose accepted spellings are more than the enum's values (ALIASES): the list an error shows.
+CHOICES = {"train.precision": "auto, fp32 (or no), bf16, fp16"}
+
+
 def _one_line(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0].strip()
+    if key in CHOICES and "expected one of" in msg:
+        msg = msg.split("expected one of")[0] + f"expected one of {CHOICES[key]}"
     if key in LIST_KEYS and "ListConfig" in msg:
         return f"config key '{key}': must be a list of steps, e.g. {LIST_KEYS[key]} (quote it in a shell)"
     if "Key '" in msg and "not in" in msg:
@@ -364,6 +394,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+            _steer_bare_key(item)
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         for layer in layers[1:]:
@@ -377,6 +408,72 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
         d.vocab_size = SYNTHETIC_VOCAB_SIZE  # filled in, so that the saved config says what was trained
     validate(cfg)
     return cfg
+
+
+def field_docs() -> dict[str, str]:
+    """Each dotted key's docstring, as written under its field in this module ('' where there is none)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs = by_class.setdefault(node.name, {})
+            for a, b in zip(node.body, node.body[1:] + [None]):
+                if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
+                    doc = b.value.value if (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                                            and isinstance(b.value.value, str)) else ""
+                    docs[a.target.id] = " ".join(doc.split())
+
+    def walk(schema: Any, prefix: str) -> dict[str, str]:
+        out = {}
+        for f in dataclasses.fields(schema):
+            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(sub):
+                out.update(walk(sub, f"{prefix}{f.name}."))
+            else:
+                out[prefix + f.name] = by_class.get(schema.__name__, {}).get(f.name, "")
+        return out
+
+    return walk(Config, "")
+
+
+def describe_config(cfg: Config) -> str:
+    """The resolved config as YAML, each key with its meaning above it: what `train --print-config` prints."""
+    import textwrap
+
+    docs = field_docs()
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    lines = ["# The resolved config: defaults, then the --config file, then the key=value overrides.",
+             "# Override any key on the command line as section.key=value, e.g. train.max_steps=10."]
+
+    def emit(node: dict, prefix: str, indent: int) -> None:
+        pad = "  " * indent
+        for key, value in node.items():
+            dotted = prefix + key
+            if isinstance(value, dict):
+                lines.append(f"{pad}{key}:")
+                emit(value, dotted + ".", indent + 1)
+                continue
+            for doc_line in textwrap.wrap(docs.get(dotted, ""), 110 - len(pad)):
+                lines.append(f"{pad}# {doc_line}")
+            text = OmegaConf.to_yaml({key: value}).rstrip("\n")
+            lines.extend(pad + t for t in text.splitlines())
+
+    emit(plain, "", 0)
+    return "\n".join(lines) + "\n"
+
+
+def notes(cfg: Config) -> list[str]:
+    """Settings that are allowed but may not do what was meant: one line each, said before anything runs."""
+    out = []
+    o, t = cfg.optim, cfg.train
+    if o.warmup_steps > t.max_steps:
+        out.append(f"optim.warmup_steps={o.warmup_steps} is more than train.max_steps={t.max_steps}: the learning "
+                   f"rate ramps linearly and ends at {t.max_steps}/{o.warmup_steps} of optim.lr={o.lr:g} "
+                   "(it never reaches its peak)")
+    return out
 
 
 def _require(cond: bool, key: str, msg: str) -> None:
@@ -427,12 +524,6 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
     _require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _require(
-        o.warmup_steps <= t.max_steps,
-        "optim.warmup_steps",
-        f"{o.warmup_steps} is more than train.max_steps={t.max_steps}, so the peak optim.lr would never be "
-        "reached; lower it",
-    )
     c = cfg.clip
     _require(c.policy in POLICY_NAMES, "clip.policy",
              f"unknown policy '{c.policy}'; choose one of {', '.join(POLICY_NAMES)}")

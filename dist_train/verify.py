@@ -107,7 +107,7 @@ def _report(rows, replicas_identical, dist, s: Setup, rtol, atol, inject, out) -
         f"dist-train verify: {dist.world_size} rank(s) ({dist.launcher}, backend {dist.backend or 'none'}, strategy "
         f"{s.plan.strategy}: {s.strategy.describe()}) vs a single-process reference; global batch "
         f"{cfg.train.global_batch_size}, grad_accum_steps {cfg.train.grad_accum_steps}, precision "
-        f"{s.plan.precision.value}"
+        f"{s.plan.precision.label}"
         + (f"; injected fault: {inject}" if inject else ""),
         file=out,
     )

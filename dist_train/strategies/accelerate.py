@@ -61,7 +61,11 @@ class AccelerateStrategy(Strategy):
             raise ConfigError("Accelerate set up DeepSpeed for a job that did not ask for it through "
                               "ACCELERATE_USE_DEEPSPEED; start it with launch/accelerate.sh and an Accelerate config "
                               "whose distributed_type is DEEPSPEED (configs/accelerate/deepspeed.yaml)")
-        if acc.device.type != device.type or (device.type == "cuda" and acc.device.index != device.index):
+        # Accelerate names a single process's GPU `cuda` (no index): that is the current device.
+        def index(d: torch.device) -> int:
+            return torch.cuda.current_device() if d.index is None else d.index
+
+        if acc.device.type != device.type or (device.type == "cuda" and index(acc.device) != index(device)):
             raise ConfigError(f"Accelerate places the model on {acc.device} but train.device gives {device}; "
                               "set train.device=auto, or pass --cpu to accelerate launch")
         if acc.gradient_accumulation_steps != 1:  # accelerator.backward would divide the loss by it
@@ -122,7 +126,7 @@ class AccelerateStrategy(Strategy):
             return save_sharded(model, optimizer, folder, state, is_main)
         return super().save_checkpoint(model, optimizer, folder, state, is_main)
 
-    def load_checkpoint(self, model, optimizer, folder):
+    def load_checkpoint(self, model, optimizer, folder, check_state=None):
         if self.fsdp:
-            return load_sharded(model, optimizer, folder)
-        return super().load_checkpoint(model, optimizer, folder)
+            return load_sharded(model, optimizer, folder, check_state)
+        return super().load_checkpoint(model, optimizer, folder, check_state)
