@@ -101,11 +101,14 @@ def measure(args, max_norm: float) -> dict[str, float]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--elements", type=float, default=100e6)
-    p.add_argument("--tensors", type=int, default=200)
-    p.add_argument("--steps", type=int, default=1, help="steps per arm per round")
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--elements", type=float, default=100e6,
+                   help="fp32 gradient elements in all (default: %(default).0e)")
+    p.add_argument("--tensors", type=int, default=200,
+                   help="tensors the elements are split into (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="steps per arm per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=15, help="rounds, each arm in turn (default: %(default)s)")
     args = p.parse_args()
     args.elements = int(args.elements)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

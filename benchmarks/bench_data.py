@@ -127,16 +127,18 @@ def memory_in_subprocess(args, path: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100, help="batches per arm per round")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--block", type=int, default=256, help="tokens per sample (model.block_size)")
-    p.add_argument("--batch", type=int, default=64, help="samples per batch")
-    p.add_argument("--speed-gb", type=float, default=0.25, help="size of the token file of the speed comparison")
-    p.add_argument("--sizes-gb", default="0.25,2", help="token file sizes of the memory comparison")
+    p.add_argument("--steps", type=int, default=100, help="batches per arm per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds, the arms in turn (default: %(default)s)")
+    p.add_argument("--block", type=int, default=256, help="tokens per sample, model.block_size (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="samples per batch (default: %(default)s)")
+    p.add_argument("--speed-gb", type=float, default=0.25,
+                   help="size of the token file of the speed comparison (default: %(default)s)")
+    p.add_argument("--sizes-gb", default="0.25,2",
+                   help="token file sizes of the memory comparison (default: %(default)s)")
     p.add_argument("--memory-batches", type=int,
                    help="batches each memory process reads (default: 2 x steps x rounds)")
     p.add_argument("--dir", help="where to write the files (default: the system's temporary folder)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--memory-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

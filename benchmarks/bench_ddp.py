@@ -99,15 +99,16 @@ def _worker(rank: int, args, port: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.device_count() >= 2 else "cpu")
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.device_count() >= 2 else "cpu",
+                   help="torch device type (default: cuda with 2 or more GPUs, else cpu)")
+    p.add_argument("--world-size", type=int, default=2, help="DDP ranks (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank, CPU (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="steps per arm per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds, the arms in turn (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=4, help="TinyGPT layers (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=128, help="TinyGPT width (default: %(default)s)")
+    p.add_argument("--block", type=int, default=64, help="tokens per sample (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="global batch, samples (default: %(default)s)")
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -130,13 +130,14 @@ def memory_in_subprocess(args, name):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=20, help="steps per arm per round")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--steps", type=int, default=20, help="steps per arm per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds, the arms in turn (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=4, help="TinyGPT layers (default: %(default)s)")
+    p.add_argument("--d-model", type=int, default=128, help="TinyGPT width (default: %(default)s)")
+    p.add_argument("--block", type=int, default=64, help="tokens per sample (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="samples per batch (default: %(default)s)")
     p.add_argument("--memory-arm", choices=["package", "bare"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_arm:

@@ -142,6 +142,13 @@ class Sink(Protocol):
     def close(self, exit_code: int = 0) -> None: ...
 
 
+#: The key of the first row a resumed run writes to metrics.jsonl: the step it resumed from (the checkpoint's).
+#: The rows themselves continue without a gap or a repeat, so nothing else shows the resume. Only metrics.jsonl
+#: (METRICS) carries it: the other files' readers take every key but "step" as data (per_layer.jsonl's modules).
+RESUMED_FROM = "run/resumed_from"
+METRICS = "metrics.jsonl"
+
+
 class JsonlSink:
     """`metrics.jsonl`: one JSON object per logged step, each line written whole.
 
@@ -152,10 +159,13 @@ class JsonlSink:
 
     def __init__(self, path: Path, keep_through: Optional[int] = None):
         """A new file; or, with `keep_through=k` (a resumed run), the existing file cut back to its rows of
-        steps <= k (rewritten atomically, the kept lines byte for byte), then appended to."""
+        steps <= k (rewritten atomically, the kept lines byte for byte), then appended to; in metrics.jsonl
+        the first row written after that carries RESUMED_FROM: k (k = 0: a run that found no checkpoint, not
+        a resume)."""
         self.path = path
         self.rows = 0
         self._size = 0
+        self._resumed_from = (keep_through or None) if path.name == METRICS else None
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         if keep_through is not None and path.exists():
             from dist_train.rundir import atomic_path
@@ -178,6 +188,8 @@ class JsonlSink:
             self._fd = os.open(path, flags, 0o644)
 
     def log(self, record: dict[str, Any]) -> None:
+        if self._resumed_from is not None:
+            record = {**record, RESUMED_FROM: self._resumed_from}
         data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
         try:
             n = os.write(self._fd, data)
@@ -189,6 +201,7 @@ class JsonlSink:
             raise io_error(self.path, e) from e
         self._size += n
         self.rows += 1
+        self._resumed_from = None
 
     def close(self, exit_code: int = 0) -> None:
         if self._fd is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_train.errors import UsageError
-from dist_train.metrics import read_jsonl
+from dist_train.metrics import RESUMED_FROM, read_jsonl
 from dist_train.rundir import atomic_path
 
 
@@ -19,6 +19,24 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
             xs.append(r["step"])
             ys.append(v)
     return xs, ys
+
+
+#: The colours of the norm panel's lines (the legend shows each line as it is drawn: no transparency).
+RAW, CLIPPED, THRESHOLD, RESUMED = "tab:red", "#98d698", "black", "0.35"
+
+
+def _draw(ax, series: tuple[list[int], list[float]], **style):
+    """A line through the finite values; a lone value gets a dot (a line of one point is invisible)."""
+    if len(series[0]) == 1:
+        style.setdefault("marker", "o")
+        style.setdefault("markersize", max(4, style.get("linewidth", 1.5) + 3))
+    return ax.plot(*series, **style)
+
+
+def _note(ax, text: str) -> None:
+    """Why a panel is empty, written across it (above any line there, such as a threshold)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.2", zorder=10,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"})
 
 
 def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[Path]:
@@ -37,38 +55,49 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
     plt = _pyplot()
     fig, (ax_loss, ax_norm) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     try:
-        ax_loss.plot(*_series(records, "train/loss"), color="tab:blue")
+        loss = _series(records, "train/loss")
+        _draw(ax_loss, loss, color="tab:blue")
+        if not loss[0]:
+            _note(ax_loss, "no finite loss: every logged loss is NaN/inf")
+            ax_loss.set_yticks([])  # an empty axis's 0 +- 0.05 would read as values
         ax_loss.set_ylabel("train/loss")
         ax_loss.set_title(run_dir.resolve().name)
         ax_loss.grid(alpha=0.3)
 
         raw = _series(records, "grad_norm/raw")
-        ax_norm.plot(*raw, label="raw (pre-clip)", color="tab:red")
-        # Drawn wide under a thin threshold line: where the two are equal (clipped steps) both stay visible.
-        ax_norm.plot(*_series(records, "grad_norm/clipped"), label="clipped", color="tab:green", linewidth=3,
-                     alpha=0.7)
+        # The clipped norm is a wide pale band under the thin raw line: where nothing is clipped the two are
+        # equal and the raw line runs along the band; a clipped step's band lies at the threshold, below it.
+        _draw(ax_norm, raw, label="raw (pre-clip)", color=RAW, linewidth=1.2, zorder=3)
+        _draw(ax_norm, _series(records, "grad_norm/clipped"), label="clipped (applied)", color=CLIPPED,
+              linewidth=5, zorder=2)
         xs, ys = _series(records, "grad_norm/threshold")
         if xs:
-            ax_norm.plot(xs, ys, label="threshold", color="black", linestyle="--", linewidth=1)
+            _draw(ax_norm, (xs, ys), label="threshold", color=THRESHOLD, linestyle="--", linewidth=1, zorder=4)
         spiked = [(r["step"], r["grad_norm/raw"]) for r in records
                   if r.get("clip/spike_clipped") and r.get("grad_norm/raw") is not None]
         if spiked:
-            ax_norm.scatter(*zip(*spiked), marker="^", color="purple", zorder=3, label="spike clipped (zscore)")
+            ax_norm.scatter(*zip(*spiked), marker="^", color="purple", zorder=5, label="spike clipped (zscore)")
         skipped = [r["step"] for r in records if r.get("optim/step_skipped")]
         for i, s in enumerate(skipped):
             ax_norm.axvline(s, color="orange", alpha=0.6, label="skipped step (non-finite)" if i == 0 else None)
         spikes = [r["step"] for r in records if r.get("optim/spike_skipped")]
         for i, s in enumerate(spikes):
             ax_norm.axvline(s, color="purple", alpha=0.4, linestyle=":", label="skipped spike" if i == 0 else None)
+        # A resumed run's rows continue its steps without a gap: its first row says where it resumed.
+        resumes = [r[RESUMED_FROM] for r in records if type(r.get(RESUMED_FROM)) is int]
+        for i, k in enumerate(resumes):
+            for ax in (ax_loss, ax_norm):
+                ax.axvline(k, color=RESUMED, linestyle="-.", linewidth=1,
+                           label="resumed" if ax is ax_norm and i == 0 else None)
+            ax_loss.annotate(f"resumed from step {k}", xy=(k, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                             textcoords="offset points", ha="left", va="top", fontsize=8, color=RESUMED)
         if any(v > 0 for v in raw[1] + ys):
             ax_norm.set_yscale("log")  # a log axis needs a positive value to show
-            from matplotlib.ticker import LogFormatterSciNotation
-
+            ax_norm.yaxis.set_major_formatter(_decimal_log_formatter())
             # Label the 2..9 ticks too where the axis spans little more than a decade (else one label or two).
-            ax_norm.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            ax_norm.yaxis.set_minor_formatter(_decimal_log_formatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         if not raw[0]:
-            ax_norm.text(0.5, 0.5, "no finite gradient norm was logged", transform=ax_norm.transAxes,
-                         ha="center", va="center")
+            _note(ax_norm, "no finite gradient norm: every logged norm is NaN/inf")
         ax_norm.set_xlabel("optimizer step")
         ax_norm.set_ylabel("global grad norm")
         ax_norm.grid(alpha=0.3, which="both")
@@ -77,6 +106,27 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
     finally:
         plt.close(fig)
     return out_path
+
+
+def decimal_label(x: float) -> str:
+    """A log-axis tick as a plain decimal: 0.001, 0.6, 1, 2, 10, 5000; scientific (1e-05, 2e+06) only
+    outside [1e-4, 1e6), where a decimal would be a row of zeros."""
+    if not 1e-4 <= abs(x) < 1e6:
+        return f"{x:.0e}"
+    import numpy as np
+
+    return str(np.format_float_positional(float(f"{x:.6g}"), trim="-"))
+
+
+def _decimal_log_formatter(**kwargs):
+    """matplotlib's LogFormatter (which ticks get a label) writing its labels with `decimal_label`."""
+    from matplotlib.ticker import LogFormatter
+
+    class DecimalLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return decimal_label(x) if super().__call__(x, pos) else ""
+
+    return DecimalLogFormatter(**kwargs)
 
 
 def _pyplot():
@@ -136,12 +186,16 @@ def plot_layers(run_dir: str | Path, out: Optional[str | Path] = None) -> Option
     fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.25 * len(rows) + 4)), max(3.0, 0.3 * len(modules) + 1.5)))
     try:
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        drawn = bool(np.isfinite(grid).any())
+        if not drawn:
+            _note(ax, "no finite per-layer norm: every one logged is NaN/inf or 0")
         ax.set_yticks(range(len(modules)), modules, fontsize=7)
         ticks = list(range(0, len(steps), -(-len(steps) // 12)))  # every k-th column, evenly spaced
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{Path(run_dir).resolve().name}: raw gradient norm per module (log10)")
-        fig.colorbar(image, ax=ax, label="log10 grad norm")
+        if drawn:  # an empty one would show a made-up scale
+            fig.colorbar(image, ax=ax, label="log10 grad norm")
         _save(fig, out_path)
     finally:
         plt.close(fig)

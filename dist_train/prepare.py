@@ -100,24 +100,26 @@ def _check_output(source: Path, out: Path, overwrite: bool) -> Path:
 
 
 class ByteProgress:
-    """Bytes done out of a total: a bar on a terminal, else a plain line every PLAIN_EVERY_S seconds and at the end."""
+    """One pass over the text, `phase` (e.g. "1/2 vocabulary"): bytes read out of the text's size, from 0 to
+    100%; a bar of its own on a terminal, else a plain line every PLAIN_EVERY_S seconds and at the end."""
 
-    def __init__(self, total: int, stream=None):
+    def __init__(self, total: int, phase: str, stream=None):
         self.stream = stream or sys.stderr
         self.total = max(total, 1)
         self.done = 0
         self.t0 = self.last = time.monotonic()
-        self.phase = ""
+        self.phase = phase
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=self.stream, unit="B", unit_scale=True, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=phase, file=self.stream, unit="B", unit_scale=True, dynamic_ncols=True)
 
-    def start(self, phase: str) -> None:
-        self.phase = phase
-        if self.bar is not None:
-            self.bar.set_description_str(phase)
+    def __enter__(self) -> "ByteProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __call__(self, n: int) -> None:
         self.done += n
@@ -187,16 +189,14 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
         more = f", and {len(files) - LISTED_FILES} more" if len(files) > LISTED_FILES else ""
         say(f"dist-train: prepare: {len(files)} file{'s' if len(files) != 1 else ''} under '{source}' matching '{pattern}', in this order: "
             f"{shown}{more}")
-    progress = ByteProgress(2 * total, stream)
-    try:
-        progress.start("1/2 vocabulary")
+    with ByteProgress(total, "1/2 vocabulary", stream) as progress:
         counts = char_counts(files, chunk_bytes, "prepare: input file", progress)
         progress.line()
-        num_tokens = int(counts.sum())
-        vocab = counts.nonzero().squeeze(1)
-        dtype = "uint16" if vocab.numel() <= 2**16 else "uint32"
-        lookup = id_lookup(vocab, torch.int32)
-        progress.start("2/2 ids")
+    num_tokens = int(counts.sum())
+    vocab = counts.nonzero().squeeze(1)
+    dtype = "uint16" if vocab.numel() <= 2**16 else "uint32"
+    lookup = id_lookup(vocab, torch.int32)
+    with ByteProgress(total, "2/2 ids", stream) as progress:
         held = contextlib.ExitStack()
         with held, atomic_path(out) as tmp_out:
             with atomic_path(side) as tmp_side:
@@ -212,8 +212,6 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
                     f.flush()
                     os.fsync(f.fileno())
                 held.enter_context(_signals_held())  # left after both renames: the sidecar's, then the ids'
-    finally:
-        progress.close()
     return Prepared(files, out, side, num_tokens, len(itos), dtype)
 
 

@@ -32,7 +32,7 @@ def test_plain_lines_when_not_a_terminal():
     line = s.getvalue()
     # wall clock, step, elapsed and ETA, then every logged number
     assert re.fullmatch(r"\d\d:\d\d:\d\d step 10/20 \[0:00:\d\d elapsed, 0:00:\d\d left\] "
-                        r"loss 1.5 raw 2 clipped 1 skipped 0\n", line), line
+                        r"loss 1\.500 grad_norm 2\.000 -> 1\.000 skipped_steps 0\n", line), line
 
 
 def test_progress_bar_on_a_terminal():
@@ -126,7 +126,7 @@ def test_progress_bar_stays_a_bar_at_80_columns():
     os.close(leader)
     frames = [f for f in re.split(r"[\r\n]", out.decode("utf-8", "replace")) if f.strip()]
     last = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", frames[-1])
-    assert last.startswith("150/300 ") and last.rstrip().endswith("loss 2.901 raw 1.247 clipped 1"), last
+    assert last.startswith("150/300 ") and last.rstrip().endswith("loss 2.901 grad_norm 1.247 -> 1.000"), last
     assert len(last) <= 80, last
     bar = last.split(" ", 1)[1].split(" 00:")[0]
     assert len(bar) >= 20, last  # the bar did not collapse to one character
