@@ -345,6 +345,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return err.exit_code
 
 
+class _ReaderGone:
+    """sys.stdout or sys.stderr of the `dist-train` process: when the pipe's reader has gone (`| head -3`),
+    the write is dropped and the stream's descriptor is pointed at /dev/null, so that nothing (Python, tqdm,
+    a C library) writes there again; the kernel's SIGPIPE stops the run as a stop signal does (StopSignal),
+    so the run ends after the current step with everything written whole, and exits 128 + SIGPIPE."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+            with contextlib.suppress(BrokenPipeError):  # what was buffered goes to /dev/null now
+                self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def entry() -> None:
     """The `dist-train` command and `python -m dist_train`: main(), then exit with its code.
 
@@ -362,6 +397,7 @@ def entry() -> None:
     in a plain 2-rank DDP `verify` on a loaded machine (rank 1, -6, "terminate called
     without an active exception"), so every rank of a multi-process run ends this way.
     """
+    sys.stdout, sys.stderr = _ReaderGone(sys.stdout), _ReaderGone(sys.stderr)
     code = main()
     from dist_train.launchers import world_size_from_env
 

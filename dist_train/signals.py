@@ -1,11 +1,13 @@
-"""Graceful stop on SIGTERM and SIGINT; checkpoint and requeue on SIGUSR2 (and SIGUSR1).
+"""Graceful stop on SIGTERM, SIGINT and SIGPIPE; checkpoint and requeue on SIGUSR2 (and SIGUSR1).
 
 The first signal only records a request; the training loop finishes the
 optimizer step in progress, the ranks agree on where to stop
 (`distributed.StopVote`), and the run ends cleanly: metrics.jsonl complete,
 W&B finished and marked stopped, the plot drawn, exit code 128 + signal.
 SIGTERM is what `scancel`, a time limit, a preemption and torchrun's agent
-send; SIGINT is Ctrl-C. A second signal calls `on_abort`, which ends the
+send; SIGINT is Ctrl-C; SIGPIPE comes when the reader of the output went away
+(`dist-train train ... | head -3`): the CLI silences that stream and the run
+stops as on SIGTERM, quietly (exit 141). A second signal calls `on_abort`, which ends the
 process at once; the same signal again within `duplicate_s` seconds does not:
 in a Slurm job step a signal reaches every process, and torchrun's agent
 forwards its copy to the workers as well.
@@ -31,7 +33,10 @@ DUPLICATE_S = 0.1
 DUPLICATE_S_SLURM = 2.0
 #: Signals that ask for a checkpoint and a requeue of the Slurm job.
 REQUEUE_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
-SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS)
+#: The signal a write to a pipe whose reader has gone raises (`dist-train train ... | head`): a stop like
+#: SIGTERM, never an abort (every later write to that pipe raises it again, until the CLI silences the stream).
+READER_GONE = signal.SIGPIPE
+SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS, READER_GONE)
 
 
 class StopSignal:
@@ -62,6 +67,8 @@ class StopSignal:
             self.on_first(signum)
         elif signum == self.signum and now - self._at < self.duplicate_s:
             pass  # the same signal delivered twice (by Slurm to every process, and by torchrun's agent)
+        elif signum == READER_GONE:
+            pass  # the output's reader is gone: there is nobody to abort for
         else:
             self.on_abort(signum)
 

@@ -103,6 +103,44 @@ def test_signal_stops_after_the_current_step_single_process(tmp_path, signum):
     assert_stopped(rc, err, run, signum)
 
 
+PIPED = "{cmd} train -c {debug} run.out_dir={run} train.max_steps=100000 optim.warmup_steps=0 logging.every=1 " \
+        "logging.wandb.mode=offline 2>&1 | head -3; echo \"exit ${{PIPESTATUS[0]}}\" >&2"
+
+
+def _piped(cmd: str, run: Path) -> tuple[int, str, str]:
+    """`CMD train ... 2>&1 | head -3` in bash: the training's exit code, what head printed, bash's stderr."""
+    p = subprocess.run(["bash", "-c", PIPED.format(cmd=cmd, debug=DEBUG, run=run)], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=180)
+    return int(p.stderr.strip().splitlines()[-1].split()[1]), p.stdout, p.stderr
+
+
+def test_a_reader_that_goes_away_stops_the_run_quietly_and_whole(tmp_path):
+    """`dist-train train ... | head -3`: head exits after three lines, the next write fails with EPIPE. The
+    run stops as on a stop signal (SIGPIPE): exit 141 as any CLI killed by SIGPIPE, nothing printed after
+    head's three lines, every logged step whole in metrics.jsonl and W&B, a checkpoint, the plot."""
+    run = tmp_path / "run"
+    rc, out, err = _piped(f"{sys.executable} -m dist_train", run)
+    assert rc == 128 + signal.SIGPIPE, err
+    assert len(out.splitlines()) == 3 and out.startswith("dist-train: "), out
+    assert "Traceback" not in err and err.strip().splitlines() == [f"exit {rc}"], err
+    rows = assert_complete_metrics(run)
+    assert [r["_step"] for r in history(run)] == [r["step"] for r in rows]
+    assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    step = rows[-1]["step"]
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{step:08d}"
+    assert (run / f"checkpoints/step_{step:08d}/checkpoint.pt").is_file()
+    assert_no_temporary_files(run)
+    assert step < 100  # it stopped, soon after head went away
+
+
+def test_negative_control_main_without_the_guard_dies_at_the_first_write(tmp_path):
+    """The same pipe around `main()` without entry()'s guard: the broken pipe is an error, not a stop, so
+    the test above can tell the two apart."""
+    run = tmp_path / "run"
+    rc, _, err = _piped(f"{sys.executable} -c 'import sys; from dist_train.cli import main; sys.exit(main())'", run)
+    assert rc != 128 + signal.SIGPIPE, err
+
+
 def test_signal_stop_survives_a_wandb_service_that_is_already_gone(tmp_path):
     run = tmp_path / "run"
     p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"])
