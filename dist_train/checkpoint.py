@@ -15,7 +15,10 @@ ranks agree that every write succeeded and hash a share of the files each; rank
 0 writes the manifest, renames the folder to `step_N/`, then points `latest` at
 it (a temporary file renamed onto it) and removes all but the newest
 `train.keep_checkpoints`. A crash at any moment leaves either the previous
-checkpoints alone or the new one complete.
+checkpoints alone or the new one complete. A checkpoint leaves the set in one
+step too: its folder is renamed to a hidden `.trash-step_N/`, which nothing
+reads as a checkpoint, and only then deleted; the next start removes what a
+crash left of that (`remove_leftovers`).
 
 Resuming: the ranks walk the checkpoints newest first, each checking its share
 of the files against the manifest (size and hash), and take the first intact
@@ -37,15 +40,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import torch
-
-from dist_train.errors import UsageError
+from dist_train.errors import UsageError, describe
 from dist_train.rundir import atomic_path
 
 log = logging.getLogger("dist_train")
 
 DIR = "checkpoints"
 LATEST = "latest"
+#: How the temporary files of a save are named in the checkpoints folder: a save's folder before its rename
+#: (`.tmp-step_N`), `latest`'s replacement before its rename, a checkpoint on its way out (`.trash-step_N`).
+#: The startup cleanup removes these and nothing else.
+TMP, LATEST_TMP, TRASH = ".tmp-", ".tmp-latest-", ".trash-"
 MANIFEST = "manifest.json"
 TRAINER = "trainer.pt"
 #: The checkpoint layout and meaning. 2: the data order is the on-demand shuffle (dist_train.shuffle),
@@ -181,6 +186,9 @@ def resolve_resume(resume: str, out_dir: Path, check: Check = problem, warn: boo
         found = newest_valid(own, check, warn)
         if found is not None and _origin(found) == origin:
             return found, origin
+    if not p.is_dir() and not p.exists() and (step_of(p) is not None or p.parent.name == DIR):
+        raise UsageError(f"train.resume: the checkpoint '{p}' does not exist (a run keeps only its newest "
+                         f"train.keep_checkpoints); {_listing(p.parent)}")
     if not p.is_dir():
         raise UsageError(f"train.resume: '{p}' is not a directory; pass a checkpoint folder "
                          "(<run>/checkpoints/step_N), a run directory, auto or none")
@@ -206,6 +214,15 @@ def resolve_resume(resume: str, out_dir: Path, check: Check = problem, warn: boo
     return requested, origin
 
 
+def _listing(root: Path, most: int = 8) -> str:
+    """What a train.resume naming a missing checkpoint of `root` can take instead, for its error."""
+    names = [f.name for f in checkpoints_in(root)]
+    if not names:
+        return f"there is no checkpoint in '{root}'; pass another checkpoint folder, a run directory, auto or none"
+    shown = ", ".join(reversed(names[:most])) + (f" (and {len(names) - most} older)" if len(names) > most else "")
+    return f"checkpoints there: {shown}; pass one of them, a run directory, auto or none"
+
+
 def _origin(folder: Path) -> Optional[str]:
     try:
         return read_manifest(folder).get("resumed_from")
@@ -216,7 +233,7 @@ def _origin(folder: Path) -> Optional[str]:
 # ---- writing ------------------------------------------------------------------------------------
 def begin(root: Path, step: int) -> Path:
     """Rank 0: an empty temporary folder for the checkpoint of `step`."""
-    tmp = root / f".tmp-{name_of(step)}"
+    tmp = root / f"{TMP}{name_of(step)}"
     root.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)  # a save that crashed half-way
@@ -229,45 +246,92 @@ def commit(root: Path, tmp: Path, step: int, keep: int, extra: dict[str, Any], f
     write_manifest(tmp, step, extra, files)
     final = root / name_of(step)
     if final.exists():  # the same step saved again (a run resumed from it, stopped before its next step)
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
-    with atomic_path(root / LATEST) as t:
-        t.write_text(final.name + "\n", encoding="utf-8")
+    _point_latest(root, final.name)
     for old in checkpoints_in(root)[keep:]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # one that cannot be removed stays, complete
+                _discard(old)
     return final
+
+
+def _point_latest(root: Path, name: Optional[str]) -> None:
+    """`latest` names the checkpoint `name` (replaced atomically), or is removed (None)."""
+    if name is None:
+        (root / LATEST).unlink(missing_ok=True)
+        return
+    with atomic_path(root / LATEST, prefix=LATEST_TMP) as t:
+        t.write_text(name + "\n", encoding="utf-8")
+
+
+def _discard(folder: Path) -> None:
+    """Take a checkpoint out of the set in one step (a rename to a hidden name nothing reads as a checkpoint),
+    then delete it: a crash half-way through the deletion leaves a `.trash-` folder, never a partial
+    checkpoint."""
+    trash = folder.parent / f"{TRASH}{folder.name}"
+    if trash.exists():  # what a crash left of an earlier removal of the same step
+        shutil.rmtree(trash)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def drop_newer(root: Path, step: int) -> list[str]:
     """A run resumed from `step` discards what came after it: the checkpoints of later steps (ones that
     failed their check, or an abandoned continuation). Returns their names."""
-    dropped = []
-    for folder in checkpoints_in(root):
-        if step_of(folder) > step:  # type: ignore[operator]
-            shutil.rmtree(folder, ignore_errors=True)
-            dropped.append(folder.name)
-    if dropped:
-        left = checkpoints_in(root)
-        if left:
-            with atomic_path(root / LATEST) as t:
-                t.write_text(left[0].name + "\n", encoding="utf-8")
-        else:
-            (root / LATEST).unlink(missing_ok=True)
-    return dropped
+    found = checkpoints_in(root)
+    newer = [f for f in found if step_of(f) > step]  # type: ignore[operator]
+    if newer:  # `latest` first, so that it never names a checkpoint already gone
+        _point_latest(root, next((f.name for f in found if f not in newer), None))
+    for folder in newer:
+        with contextlib.suppress(OSError):
+            _discard(folder)
+    return [f.name for f in newer]
 
 
 def remove_leftovers(root: Path) -> None:
-    """Temporary folders of saves that never completed."""
-    if root.is_dir():
-        for p in root.glob(".tmp-step_*"):
+    """At a start, what a crash left: the temporary folders of saves that never completed (`.tmp-step_N`),
+    of checkpoints taken out of the set (`.trash-step_N`), `latest`'s replacement file (`.tmp-latest-*`);
+    and `latest` pointed at the newest checkpoint again. Nothing else in the folder is touched."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink() and (p.name.startswith(TMP) or p.name.startswith(TRASH)) \
+                and step_of(Path(p.name.split("-", 1)[1])) is not None:
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(LATEST_TMP) and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
+    newest = next((f.name for f in checkpoints_in(root)), None)
+    try:
+        current: Optional[str] = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != newest and (newest is not None or (root / LATEST).exists()):
+        _point_latest(root, newest)
 
 
 # ---- loading without pickle ---------------------------------------------------------------------
+def _written_by_torch_save(path: Path) -> bool:
+    """Whether `path` begins as a file of torch.save does: a zip archive (torch's format since 1.6), or the
+    legacy format's pickled magic number. Anything else is not a checkpoint, whatever unpickling it says."""
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    legacy = (pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p)
+              for p in range(2, pickle.HIGHEST_PROTOCOL + 1))
+    return head.startswith(b"PK\x03\x04") or any(head.startswith(m) for m in legacy)
+
+
 def safe_load(path: Path, allow: Iterable[Any] = ()) -> Any:
     """torch.load with weights_only=True (tensors, numbers, strings and containers; plus `allow`)."""
+    import torch
+
     try:
+        if not _written_by_torch_save(path):
+            raise UsageError(f"'{path}' is not a checkpoint (not a file torch.save wrote: neither a zip archive "
+                             "nor torch's legacy format); pass another checkpoint folder to train.resume, or restore "
+                             "this file from a copy")
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -283,6 +347,8 @@ def safe_load(path: Path, allow: Iterable[Any] = ()) -> Any:
 # ---- random states ------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """This process's random generators (torch CPU, CUDA, Python's `random`)."""
+    import torch
+
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -290,6 +356,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(_tuple(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -330,12 +398,16 @@ def check_dcp_metadata(folder: Path) -> None:
     torch.load(weights_only=False). Read the metadata first with an unpickler that builds only DCP's own
     metadata classes and torch's dtypes, and require every entry to be a tensor, so neither ever unpickles
     an arbitrary object."""
+    import torch
     from torch.distributed.checkpoint import metadata as M
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     allowed = {(c.__module__, c.__qualname__): c for c in (
         M.Metadata, M.TensorStorageMetadata, M.ChunkStorageMetadata, M.TensorProperties, M.BytesStorageMetadata,
         M.MetadataIndex, M.StorageMeta, M._MEM_FORMAT_ENCODING, _StorageInfo, torch.Size)}
+
+    class Forbidden(pickle.UnpicklingError):
+        """A class the metadata may not hold (not a damaged file: a file that asks for more than data)."""
 
     class Restricted(pickle.Unpickler):  # Python's documented way to restrict what unpickling may build
         def find_class(self, module: str, name: str) -> Any:
@@ -350,17 +422,21 @@ def check_dcp_metadata(folder: Path) -> None:
                 return torch.serialization._get_layout
             if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")):
                 return {"OrderedDict": __import__("collections").OrderedDict, "set": set, "frozenset": frozenset}[name]
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            raise Forbidden(f"{module}.{name} is not allowed")
 
     path = folder / ".metadata"
     try:
         with open(path, "rb") as f:
             meta = Restricted(f).load()
-    except pickle.UnpicklingError as e:
+    except Forbidden as e:
         raise UnsafeCheckpoint(f"refusing to load '{path}': it holds objects that need arbitrary pickle "
                                f"({str(e).splitlines()[0]}); use a checkpoint written by dist-train") from None
-    except (OSError, EOFError, ValueError) as e:
+    except OSError as e:
         raise UsageError(f"cannot read checkpoint file '{path}' ({e})") from None
+    except Exception as e:  # damaged bytes make unpickling fail in any of many ways
+        raise UsageError(f"'{path}' is not a checkpoint (not torch.distributed.checkpoint metadata: unpickling it "
+                         f"failed, {describe(e)}); pass another checkpoint folder to train.resume, or restore this "
+                         "file from a copy") from None
     if not isinstance(meta, M.Metadata):
         raise UnsafeCheckpoint(f"refusing to load '{path}': it is not torch.distributed.checkpoint metadata")
     others = [k for k, v in meta.state_dict_metadata.items() if not isinstance(v, M.TensorStorageMetadata)]

@@ -237,15 +237,17 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target`, renamed onto it on success and removed on failure.
+def atomic_path(target: Path, prefix: str = ".tmp-") -> Iterator[Path]:
+    """A temporary path beside `target` (named `prefix` + random characters + `target`'s suffix), renamed
+    onto it on success and removed on failure.
 
     An OSError (a full disk) becomes a one-line TrainingError naming `target`;
-    no partial or temporary file is left behind either way.
+    no partial or temporary file is left behind either way, unless the process is killed before the
+    rename: a caller whose folder a later start cleans gives a `prefix` of its own for that cleanup to find.
     """
     tmp: Optional[Path] = None
     try:
-        fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=target.suffix, dir=target.parent)
         tmp = Path(name)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run's files from other users
         os.close(fd)

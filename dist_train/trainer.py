@@ -26,7 +26,7 @@ from dist_train.distributed import DistState
 from dist_train.errors import ConfigError, Stopped, TrainingError, UsageError, io_error, signal_name, writing
 from dist_train.metrics import JsonlSink, Sink, Window, layer_norms, make_record, spike_record
 from dist_train.model import build_model, check_model_output
-from dist_train.progress import ProgressReporter, hms
+from dist_train.progress import ProgressReporter, count, hms, num
 from dist_train.rundir import RunDir
 from dist_train.signals import StopSignal
 from dist_train.step import StepMetrics, train_step
@@ -346,12 +346,9 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
         raise ConfigError(f"train.resume: config key '{changed[0]}' differs from the checkpoint's ("
                           f"{len(changed)} key(s) that decide the trajectory: {', '.join(changed[:4])}); set them "
                           f"as in {folder.parent.parent / 'config.yaml'}, or start a new run")
-    state = s.strategy.load_checkpoint(s.model, s.optimizer, folder)
+    # The data set is checked before the model is loaded: another vocabulary is another model shape too.
+    state = s.strategy.load_checkpoint(s.model, s.optimizer, folder, functools.partial(check_data, s))
     data = state.get("data", {})
-    if data.get("num_samples") != len(s.dataset) or state.get("vocab") != s.dataset.itos:
-        raise ConfigError(f"train.resume: the data set differs from the checkpoint's ({len(s.dataset)} samples now, "
-                          f"{data.get('num_samples')} then, or another vocabulary): the steps would address other "
-                          "samples; resume with the same data, or start a new run")
     done = data.get("next_batch", state["step"])  # batches 1..done were trained on or left out
     before = {b for b in data.get("skipped_batches", []) if b <= done}
     now = {b for b in s.skipped_batches if b <= done}
@@ -388,6 +385,27 @@ def load_checkpoint(s: Setup, folder: Path) -> Progress:
     return Progress(step=state["step"], skipped_total=state["skipped_steps"],
                     consecutive=state["consecutive_nonfinite"], wandb_id=state.get("wandb_id"),
                     spike_skipped=state.get("spike_skipped_steps", 0), spike_events=state.get("spike_events", 0))
+
+
+def check_data(s: Setup, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose steps address another data set (its size or vocabulary differ): a text
+    file changed in place, say."""
+    then, vocab = state.get("data", {}).get("num_samples"), state.get("vocab")
+    if then == len(s.dataset) and vocab == s.dataset.itos:
+        return
+    d = s.cfg.data
+    name = (f"data.text_file '{d.text_file}'" if d.text_file else f"data.token_file '{d.token_file}'" if d.token_file
+            else "the data set")
+    now = s.dataset.itos
+    how = [f"{len(s.dataset)} samples now, {then} then"] if then != len(s.dataset) else []
+    if vocab != now:
+        if now is not None and vocab is not None and len(now) != len(vocab):
+            how.append(f"a vocabulary of {len(now)} symbols now, {len(vocab)} then")
+        else:
+            how.append("another vocabulary")
+    raise ConfigError(f"train.resume: the data set differs from the checkpoint's: {name} has changed "
+                      f"({'; '.join(how)}), so the steps would address other samples; resume with the same data, "
+                      "or start a new run")
 
 
 def _load_or_start_afresh(load: Callable[[dict[str, Any]], None], state: dict[str, Any], what: str) -> None:
@@ -519,10 +537,10 @@ def startup_summary(s: Setup, out: Outputs, resumed: bool = False) -> list[str]:
     n_params = s.strategy.num_parameters(s.model)
     world = (f"{d.world_size} processes ({d.launcher}, backend {d.backend})" if d.distributed
              else "1 process (no launcher)" if d.launcher == "none" else f"1 process ({d.launcher})")
-    precision = {"no": "fp32"}.get(s.plan.precision.value, s.plan.precision.value)
+    precision = s.plan.precision.label
     lines = [
         f"dist-train: {cfg.train.max_steps} steps of {cfg.train.global_batch_size} samples on {s.device}, {world}, "
-        f"precision {precision}, model {n_params / 1e6:.3g}M parameters",
+        f"precision {precision}, model {count(n_params)} parameters",
         f"dist-train: strategy {s.plan.strategy}: {s.strategy.describe()}",
         f"dist-train: run directory {out.run_dir.path}",
     ]
@@ -622,8 +640,8 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
             progress.message(f"dist-train: step {n}: spike ({spike_cause(record)}), optimizer step skipped; see "
                              "spikes.jsonl")
         elif record is not None and record.get("clip/spike_clipped"):
-            progress.message(f"dist-train: step {n}: spike (grad norm {record['grad_norm/raw']:.4g} > zscore threshold "
-                             f"{record['grad_norm/threshold']:.4g}), clipped; see spikes.jsonl")
+            progress.message(f"dist-train: step {n}: spike (grad norm {num(record['grad_norm/raw'])} > zscore "
+                             f"threshold {num(record['grad_norm/threshold'])}), clipped; see spikes.jsonl")
         progress.step(record, advance=advance)
 
     def check_limit(n: int, consecutive: int) -> None:
@@ -694,13 +712,13 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
 
 
 def spike_cause(record: dict[str, Any]) -> str:
-    """What exceeded its limit in a skipped spike's row, e.g. 'grad norm 4.1 > 2.4'."""
+    """What exceeded its limit in a skipped spike's row, e.g. 'grad norm 4.100 > 2.400'."""
     causes = []
     for key, what, value in (("clip/spike_limit", "grad norm", "grad_norm/raw"),
                              ("clip/spike_loss_limit", "loss", "train/loss")):
         limit, v = record.get(key), record.get(value)
         if limit is not None and v is not None and v > limit:
-            causes.append(f"{what} {v:.4g} > {limit:.4g}")
+            causes.append(f"{what} {num(v)} > {num(limit)}")
     return ", ".join(causes) or "over its limit"
 
 

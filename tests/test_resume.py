@@ -1,7 +1,8 @@
 """Checkpoints and resume, outside Slurm: a run stopped at step k (SIGTERM) and resumed with
 train.resume=auto equals the uninterrupted run, on one process, DDP, FSDP2 and DeepSpeed ZeRO-2; DDP
 and FSDP2 checkpoints of 2 processes resume on 1 and on 3; a corrupt newest checkpoint falls back to
-the previous one; a checkpoint that needs arbitrary pickle is refused.
+the previous one; a checkpoint that needs arbitrary pickle is refused, and one that is no file of
+torch.save is said to be no checkpoint.
 
 The stop comes from the model itself (tests.helpers:signal_gpt sends SIGTERM to its process at a
 given forward call), so it lands at the same step every time. Same world size: the resumed run
@@ -189,23 +190,87 @@ def in_process(capsys, run: Path, *extra: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(tmp_path, capsys):
+def resume_from_a_replaced_file(tmp_path, capsys, replace) -> tuple[Path, str]:
+    """A checkpoint whose checkpoint.pt `replace(path)` rewrote, with a manifest that matches it (so only the
+    load can tell), resumed into a new run directory: refused (exit 2) and nothing written. (the checkpoint
+    folder, the error line)."""
+    from dist_train.checkpoint import read_manifest, write_manifest
+
     run = tmp_path / "run"
     assert in_process(capsys, run, "train.max_steps=2")[0] == 0
     folder = latest_checkpoint(run)
-    state = torch.load(folder / "checkpoint.pt", weights_only=True)
-    state["payload"] = Path("/")  # any object torch.load(weights_only=True) does not rebuild
-    torch.save(state, folder / "checkpoint.pt")
-    # A manifest that matches, so only the weights-only load can catch it.
-    from dist_train.checkpoint import read_manifest, write_manifest
-
+    replace(folder / "checkpoint.pt")
     manifest = read_manifest(folder)
     write_manifest(folder, manifest["step"], {k: v for k, v in manifest.items() if k not in ("format", "step", "files")})
     rc, err = in_process(capsys, tmp_path / "other", "train.max_steps=4", f"train.resume={folder}")
     assert rc == 2, err
-    line = err.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
+    return folder, err.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_that_needs_arbitrary_pickle_is_refused(tmp_path, capsys):
+    def replace(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        state["payload"] = Path("/")  # any object torch.load(weights_only=True) does not rebuild
+        torch.save(state, path)
+
+    folder, line = resume_from_a_replaced_file(tmp_path, capsys, replace)
     assert line.startswith(f"dist-train: error: refusing to load '{folder / 'checkpoint.pt'}': it holds objects that "
                            "need arbitrary pickle"), line
+
+
+def test_a_garbage_checkpoint_file_is_not_a_checkpoint(tmp_path, capsys):
+    """Random bytes are no pickle of objects: they are refused as not a checkpoint at all (not as "objects
+    that need arbitrary pickle", whatever unpickling them happens to say)."""
+    import random
+
+    folder, line = resume_from_a_replaced_file(tmp_path, capsys,
+                                               lambda path: path.write_bytes(random.Random(0).randbytes(4096)))
+    assert line.startswith(f"dist-train: error: '{folder / 'checkpoint.pt'}' is not a checkpoint (not a file "
+                           "torch.save wrote"), line
+    assert "pickle" not in line and "pass another checkpoint folder to train.resume" in line, line
+
+
+def test_safe_load_tells_garbage_from_a_file_that_needs_arbitrary_pickle(tmp_path):
+    """Either torch.save format holding an object weights_only cannot rebuild is unsafe; bytes no torch.save
+    wrote (and a torch.distributed.checkpoint .metadata of random bytes) are not a checkpoint."""
+    import random
+
+    from dist_train.checkpoint import UnsafeCheckpoint, check_dcp_metadata, safe_load
+    from dist_train.errors import UsageError
+
+    for zip_format in (True, False):
+        path = tmp_path / f"unsafe-{zip_format}.pt"
+        torch.save({"payload": Path("/")}, path, _use_new_zipfile_serialization=zip_format)
+        with pytest.raises(UnsafeCheckpoint, match="need arbitrary pickle"):
+            safe_load(path)
+        torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=zip_format)
+        assert torch.equal(safe_load(path)["w"], torch.ones(2))
+    for seed in range(8):
+        (tmp_path / "garbage.pt").write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(UsageError, match="is not a checkpoint") as e:
+            safe_load(tmp_path / "garbage.pt")
+        assert not isinstance(e.value, UnsafeCheckpoint)
+        (tmp_path / ".metadata").write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(UsageError, match="is not a checkpoint") as e:
+            check_dcp_metadata(tmp_path)
+        assert not isinstance(e.value, UnsafeCheckpoint)
+
+
+def test_resume_from_a_checkpoint_that_is_gone_lists_the_ones_there(tmp_path, capsys):
+    """A checkpoint rotation removed (train.keep_checkpoints): the error names the ones that exist."""
+    run = tmp_path / "run"
+    assert in_process(capsys, run, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=2")[0] == 0
+    gone = run / "checkpoints/step_00000001"
+    rc, err = in_process(capsys, tmp_path / "other", "train.max_steps=4", f"train.resume={gone}")
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"dist-train: error: train.resume: the checkpoint '{gone}' does not exist"), line
+    assert "checkpoints there: step_00000002, step_00000003; pass one of them" in line, line
+    empty = tmp_path / "empty/checkpoints/step_00000001"
+    rc, err = in_process(capsys, tmp_path / "other", "train.max_steps=4", f"train.resume={empty}")
+    assert rc == 2, err
+    assert f"there is no checkpoint in '{empty.parent}'" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "other").exists()
 
 
@@ -324,3 +389,12 @@ def test_a_changed_text_file_is_refused(tmp_path, capsys):
     text.write_text("abcdefgz " * 200, encoding="utf-8")  # same size, another vocabulary
     rc, err = in_process(capsys, run, *args[:-1], "train.max_steps=4", "train.resume=auto")
     assert rc == 2 and "the data set differs from the checkpoint's" in err, err
+    # One more character: a vocabulary of another size is a model of another shape too. The data check runs
+    # before the model is loaded, so it is this refusal, not a failed load_state_dict (exit 1).
+    text.write_text("abcdefgh " * 199 + "abcdefgh!", encoding="utf-8")
+    rc, err = in_process(capsys, run, *args[:-1], "train.max_steps=4", "train.resume=auto")
+    line = err.strip().splitlines()[-1]
+    assert rc == 2, err
+    assert line.startswith(f"dist-train: error: train.resume: the data set differs from the checkpoint's: "
+                           f"data.text_file '{text}' has changed (a vocabulary of 10 symbols now, 9 then)"), line
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2]  # nothing appended

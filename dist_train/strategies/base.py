@@ -140,12 +140,16 @@ class Strategy:
         if is_main:
             torch_save({**state, "model": model_state, "optimizer": optimizer_state}, folder / CHECKPOINT_FILE)
 
-    def load_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path
-                        ) -> dict[str, Any]:
-        """Every rank calls this: restore the model and optimizer from `folder`, return the trainer's state."""
+    def load_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                        check_state: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+        """Every rank calls this: restore the model and optimizer from `folder`, return the trainer's state.
+        `check_state` sees the trainer's state first, before the model or the optimizer is touched: a resume
+        on another data set is refused as that, not as a model of another shape that fails to load."""
         from dist_train.checkpoint import safe_load
 
         data = safe_load(folder / CHECKPOINT_FILE)
+        if check_state is not None:
+            check_state(data)
         self.unwrap(model).load_state_dict(data.pop("model"))
         optimizer.load_state_dict(data.pop("optimizer"))
         return data

@@ -43,7 +43,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from dist_train.config import Config, Precision
-from dist_train.errors import ConfigError, TrainingError
+from dist_train.errors import ConfigError, TrainingError, UsageError
 from dist_train.strategies import env_true
 from dist_train.clip import clip_coefficient
 from dist_train.strategies.base import OptimizerFactory, Strategy, global_norm
@@ -344,7 +344,7 @@ class DeepSpeedStrategy(Strategy):
         return engine
 
     def describe(self) -> str:
-        precision = {"no": "fp32"}.get(self.precision.value, self.precision.value)
+        precision = self.precision.label
         where = f"over {self.dist.world_size} processes" if self.dist.world_size > 1 else "in one process"
         return f"DeepSpeed {_version()} ZeRO stage {self.stage} {where} ({precision}, the engine clips and steps)"
 
@@ -439,28 +439,30 @@ class DeepSpeedStrategy(Strategy):
         if is_main:
             torch_save(state, folder / TRAINER)
 
-    def load_checkpoint(self, model, optimizer, folder: Path) -> dict[str, Any]:
+    def load_checkpoint(self, model, optimizer, folder: Path, check_state=None) -> dict[str, Any]:
         """Every file is first read with weights_only=True (allowing DeepSpeed's own loss-scaler and ZeRO
         stage classes, which its optimizer state holds): only then does the engine, which unpickles
-        without that restriction, load them."""
-        from dist_train.checkpoint import TRAINER, UnsafeCheckpoint, safe_load
+        without that restriction, load them. `check_state` sees the trainer's state before all that."""
+        from dist_train.checkpoint import TRAINER, safe_load
 
+        state = safe_load(folder / TRAINER)  # every rank reads it, so every rank refuses alike
+        if check_state is not None:
+            check_state(state)
         # Each rank reads its share of the files (every world-th); all learn whether any was refused.
         refused: Optional[BaseException] = None
         for f in sorted(p for p in folder.glob("*.pt") if p.name != TRAINER)[self.dist.rank::self.dist.world_size]:
             try:
                 safe_load(f, allow=_deepspeed_safe_globals())
-            except UnsafeCheckpoint as e:
+            except UsageError as e:  # one that needs arbitrary pickle, or no file of torch.save at all
                 refused = e
                 break
         if self.dist.any(refused is not None):
             if refused is not None:
                 raise refused
-            err = UnsafeCheckpoint(f"refusing to load '{folder}': another rank found a file that needs arbitrary "
-                                   "pickle")
+            err = UsageError(f"refusing to load '{folder}': another rank found a file it could not load safely "
+                             "(its error says why)")
             err.scope = "main"
             raise err
-        state = safe_load(folder / TRAINER)
         path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
             raise ConfigError(f"DeepSpeed found no checkpoint in '{folder}'")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -82,8 +82,8 @@ class FSDPStrategy(Strategy):
     def save_checkpoint(self, model, optimizer, folder: Path, state: dict[str, Any], is_main: bool) -> None:
         save_sharded(model, optimizer, folder, state, is_main)
 
-    def load_checkpoint(self, model, optimizer, folder: Path) -> dict[str, Any]:
-        return load_sharded(model, optimizer, folder)
+    def load_checkpoint(self, model, optimizer, folder: Path, check_state=None) -> dict[str, Any]:
+        return load_sharded(model, optimizer, folder, check_state)
 
 
 def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -116,9 +116,11 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folde
         torch_save({**state, "param_groups": optim["param_groups"]}, folder / TRAINER)
 
 
-def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                 check_state: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """The inverse of save_sharded, on any number of ranks: DCP reshards the saved tensors onto this
-    run's mesh, so a checkpoint of 2 processes resumes on 1 or 3."""
+    run's mesh, so a checkpoint of 2 processes resumes on 1 or 3. `check_state`: as in
+    Strategy.load_checkpoint, before any tensor is loaded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -130,6 +132,8 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folde
     from dist_train.checkpoint import TRAINER, check_dcp_metadata, safe_load
 
     state = safe_load(folder / TRAINER)
+    if check_state is not None:
+        check_state(state)
     check_dcp_metadata(folder)
     model_state = get_model_state_dict(model)
     optim = get_optimizer_state_dict(model, optimizer)  # AdamW's state, created (zero) if it has none yet
