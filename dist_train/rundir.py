@@ -145,8 +145,9 @@ class RunDir:
                                      "apply to a live run)")
         existing = [name for name in (*RUN_FILES, WANDB) if (p / name).exists() or (p / name).is_symlink()]
         if existing and not overwrite and not resume:
-            raise UsageError(f"run directory '{p}' already holds a run ({', '.join(existing)}); choose another "
-                             "run.out_dir or pass run.overwrite=true")
+            raise UsageError(f"run directory '{p}' already holds a run ({', '.join(existing)}); continue it with "
+                             "train.resume=auto, or choose another run.out_dir, or start over with run.overwrite=true "
+                             "(which deletes it)")
         if overwrite:
             foreign = _foreign(p)
             if foreign:

@@ -126,7 +126,10 @@ def test_existing_run_is_not_overwritten(tmp_path, no_wandb_env, capsys):
     assert main(args) == 0
     before = (run / "metrics.jsonl").read_bytes()
     assert main(args) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run" in err
+    # Continuing comes first: a user who meant to continue is not steered to deleting the run.
+    assert err.index("train.resume=auto") < err.index("run.out_dir") < err.index("run.overwrite=true"), err
     assert (run / "metrics.jsonl").read_bytes() == before
     assert main(args + ["run.overwrite=true", "train.max_steps=3"]) == 0
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [3]
