@@ -42,8 +42,9 @@ case "$COMMAND" in
   *) die "COMMAND must be train or verify, got '$COMMAND'" ;;
 esac
 command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter on PATH; set PYTHON to one with dist_train installed"
-"$PYTHON" -c "import accelerate" 2>/dev/null \
-  || die "accelerate is not installed for $PYTHON; install it with: pip install 'dist_train[accelerate]'"
+# find_spec, not an import: importing accelerate imports torch (seconds).
+has() { "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" "$@" 2>/dev/null; }
+has accelerate || die "accelerate is not installed for $PYTHON; install it with: pip install 'dist_train[accelerate]'"
 [[ -f "$ACCELERATE_CONFIG" ]] || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG is not a file; see configs/accelerate/"
 
 # What the Accelerate config asks for: distributed type, processes, machines, precision,
@@ -66,6 +67,11 @@ except Exception as e:
 PY
 ) || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG cannot be read ($info)"
 read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP FSDP_VERSION FSDP_OFFLOAD HAS_GPU DS_FILE <<< "$info"
+if [[ "$DIST_TYPE" == DEEPSPEED ]]; then
+  # Accelerate's DeepSpeed support imports transformers (a version check) on every rank.
+  has deepspeed transformers || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG runs DeepSpeed, which needs deepspeed and" \
+    "transformers for $PYTHON: pip install 'dist_train[accelerate,deepspeed]' transformers"
+fi
 
 NUM_PROCESSES="${NUM_PROCESSES:-$CFG_NPROC}"
 NUM_MACHINES="${NUM_MACHINES:-$CFG_NMACH}"

@@ -54,7 +54,9 @@ case "$LAUNCHER" in
   *) die "LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" ;;
 esac
 
-"$PYTHON" -c "import deepspeed" 2>/dev/null || die "deepspeed is not installed for $PYTHON; pip install 'dist_train[deepspeed]'"
+# find_spec, not an import: importing deepspeed takes seconds (torch and its accelerator probe).
+"$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" 2>/dev/null \
+  || die "deepspeed is not installed for $PYTHON; pip install 'dist_train[deepspeed]'"
 is_count "$MASTER_PORT" 1 && (( 10#$MASTER_PORT < 65536 )) || die "MASTER_PORT must be a port number (1-65535), got '$MASTER_PORT'"
 ds=(--master_port="$MASTER_PORT" --no_local_rank)
 if [[ -n "$HOSTFILE" ]]; then
@@ -76,5 +78,9 @@ fi
 
 # Check the config once before starting any worker: a bad config is one line and exit 2.
 "$PYTHON" -m dist_train "$COMMAND" --check --config "$CONFIG" "${args[@]}" || exit $?
+if [[ -z "$HOSTFILE" && ! -e /dev/nvidiactl ]]; then
+  echo "launch/deepspeed.sh: note: no GPU here; DeepSpeed's CPU accelerator numbers its processes through" \
+       "CUDA_VISIBLE_DEVICES (the launcher's 'Setting CUDA_VISIBLE_DEVICES=...' line), which selects no GPU" >&2
+fi
 
 exec "$PYTHON" -m deepspeed.launcher.runner "${ds[@]}" --module dist_train "$COMMAND" --config "$CONFIG" "${args[@]}"

@@ -316,7 +316,7 @@ def test_accelerate_bf16_matches_fp32_within_bf16_rounding():
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_", "ACCELERATE_", "FSDP_"))}
-    env.update(PYTHONPATH=str(ROOT), PYTHON=sys.executable, WANDB_SILENT="true", **extra)
+    env.update({"PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "WANDB_SILENT": "true", **extra})
     return env
 
 
@@ -475,6 +475,10 @@ def test_accelerate_silent_cpu_fallbacks_are_refused(tmp_path, args, env, fragme
         ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "MACHINE_RANK must be a whole number from 0 to NUM_MACHINES-1=1"),
         ({"NUM_MACHINES": "2", "MACHINE_RANK": "1"}, "needs MAIN_PROCESS_IP"),
         ({"ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}, "asks for FSDP, which Accelerate runs only on GPUs"),
+        # Only the extras named: Accelerate's DeepSpeed support would die on every rank importing transformers.
+        ({"ACCELERATE_CONFIG": "configs/accelerate/deepspeed.yaml",
+          "PYTHON": str(ROOT / "tests/bin/python-without-transformers")},
+         "runs DeepSpeed, which needs deepspeed and transformers for"),
     ],
 )
 def test_accelerate_script_rejects_bad_settings_before_launching(env, fragment):
