@@ -3,18 +3,29 @@
 `spawn(fn, world_size, *args)` starts `world_size` fresh processes with the
 env:// variables a launcher would export, runs `fn(*args)` in each, and returns
 the per-rank results in rank order. Any rank raising fails the test with that
-rank's traceback; a hang fails it after `timeout` seconds.
+rank's traceback (and the end of its output); the other ranks are killed at
+once, so a rank left waiting in a collective cannot hang the test. A hang fails
+it after `timeout` seconds, naming the ranks that had not finished.
+
+The processes are forked by the test session's warm server (tests/forkserver.py),
+which imported torch once: each test body still gets processes of its own, with
+nothing left over from an earlier body, and a failing or hung body takes only
+its own processes down, never the server or the next test.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import queue
+import select
+import signal
 import socket
-import traceback
+import tempfile
+import time
 
-import torch.multiprocessing as mp
+from tests import forkserver
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -23,47 +34,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, results, args):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        # Plain pickle copies tensors by value; the queue's own pickler would pass
-        # shared-memory handles that die with this process.
-        results.put((rank, True, pickle.dumps(fn(*args))))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+def _tail(path: str, chars: int = 3000) -> str:
+    with open(path, "rb") as f:
+        text = f.read().decode(errors="replace")
+    return text[-chars:]
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 180):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    out, errors = {}, []
-    try:
-        for _ in range(world_size):
-            rank, ok, value = results.get(timeout=timeout)
-            if ok:
-                out[rank] = pickle.loads(value)
-            else:
-                errors.append(f"rank {rank}:\n{value}")
-            if errors:
-                break
-    except queue.Empty:
-        errors.append(f"timed out after {timeout}s; ranks that answered: {sorted(out)}")
-    finally:
-        for p in procs:
-            p.join(timeout=10 if not errors else 1)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    call = pickle.dumps((fn, args))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    base["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, base.get("PYTHONPATH")) if p)  # fn's module
+    with tempfile.TemporaryDirectory(prefix="dist_train_spawn_") as d:
+        ranks = {}
+        for rank in range(world_size):
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       WANDB_SILENT="true")
+            log = os.path.join(d, f"rank{rank}.log")
+            with open(os.devnull, "rb") as inp, open(log, "wb") as out:
+                sock, pid = forkserver.start([], os.getcwd(), env, (inp.fileno(), out.fileno(), out.fileno()),
+                                             kind="call", call=call, result=os.path.join(d, f"rank{rank}.pkl"))
+            ranks[sock] = (rank, pid, log)
+        out, errors, exits = {}, [], {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(exits) < world_size and not errors:
+                left = deadline - time.monotonic()
+                ready, _, _ = select.select([s for s in ranks if ranks[s][0] not in exits], [], [], max(left, 0))
+                if not ready:
+                    pending = sorted(r for r, _, _ in ranks.values() if r not in exits)
+                    errors.append(f"timed out after {timeout}s; ranks that had not finished: {pending}; ranks "
+                                  f"that answered: {sorted(out)}" + "".join(
+                                      f"\n--- rank {r} output (end):\n{_tail(log)}"
+                                      for r, _, log in ranks.values() if r in pending))
+                    break
+                for sock in ready:
+                    rank, pid, log = ranks[sock]
+                    exits[rank] = forkserver.wait(sock, pid, None)
+                    result = os.path.join(d, f"rank{rank}.pkl")
+                    if os.path.exists(result):
+                        with open(result, "rb") as f:
+                            ok, value = pickle.load(f)
+                    else:
+                        ok, value = False, f"exited {exits[rank]} without a result"
+                    if ok:
+                        out[rank] = pickle.loads(value)
+                    else:
+                        errors.append(f"rank {rank}:\n{value}\n--- rank {rank} output (end):\n{_tail(log)}")
+        finally:
+            for sock, (rank, pid, _) in ranks.items():
+                if rank not in exits:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    forkserver.wait(sock, pid, None)
     if errors:
         raise AssertionError("\n".join(errors))
     return [out[r] for r in range(world_size)]

@@ -111,7 +111,7 @@ def _child(req: dict, fds: list[int], close: list[socket.socket]) -> None:
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                       errors="backslashreplace", line_buffering=True)
         sys.argv = list(req["argv"])
-        code = _run_main(req["kind"])
+        code = _run_main(req["kind"], req)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
@@ -136,9 +136,24 @@ def _child(req: dict, fds: list[int], close: list[socket.socket]) -> None:
             os._exit(code & 0xFF if code >= 0 else 1)
 
 
-def _run_main(kind: str) -> int:
+def _run_main(kind: str, req: dict) -> int:
     import runpy
 
+    if kind == "call":  # a test body: fn(*args), its result or traceback pickled to req["result"]
+        import traceback
+
+        torch = sys.modules["torch"]
+        torch.set_num_threads(1)
+        try:
+            fn, args = pickle.loads(req["call"])
+            outcome = (True, pickle.dumps(fn(*args)))
+        except BaseException:
+            outcome = (False, traceback.format_exc())
+        tmp = req["result"] + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(outcome, f)
+        os.rename(tmp, req["result"])
+        return 0 if outcome[0] else 1
     if kind == "module":  # python -m dist_train ...
         sys.argv[0] = "-m"
         runpy.run_module("dist_train", run_name="__main__", alter_sys=True)
@@ -242,11 +257,11 @@ class ForkServer:
 
 
 def start(argv: list[str], cwd, env: dict, fds: tuple[int, int, int], kind: str = "module",
-          path: Optional[str] = None) -> tuple[socket.socket, int]:
+          path: Optional[str] = None, **extra) -> tuple[socket.socket, int]:
     """Ask the server to fork a command with these stdio fds; the connection and the command's pid."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path or ForkServer.get().path)
-    _send(sock, {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "kind": kind}, fds)
+    _send(sock, {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "kind": kind, **extra}, fds)
     return sock, _recv(sock)["pid"]
 
 

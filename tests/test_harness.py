@@ -1,0 +1,90 @@
+"""The test harness itself: ranks forked by the warm server (tests/dist_utils.spawn) and commands forked
+by it (tests/forkserver.run). A failing or hung body fails its own test, with the rank named, and leaves
+the server able to run the next one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests import forkserver
+from tests.conftest import ROOT, cli
+from tests.dist_utils import spawn
+
+
+def _allreduce_rank():
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        t = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(t)
+        return dist.get_rank(), float(t), os.getpid()
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank1_fails_while_rank0_waits():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise ValueError("planted failure on rank 1")
+    dist.barrier()  # never completes: rank 1 is gone
+    return "unreachable"
+
+
+def _rank1_hangs():
+    if int(os.environ["RANK"]) == 1:
+        time.sleep(3600)
+    return "rank 0 done"
+
+
+def test_ranks_are_real_processes_of_their_own_that_reduce_over_gloo():
+    first = spawn(_allreduce_rank, 2)
+    assert [(r, v) for r, v, _ in first] == [(0, 3.0), (1, 3.0)]
+    second = spawn(_allreduce_rank, 2)
+    pids = {pid for *_, pid in first + second}
+    assert len(pids) == 4 and os.getpid() not in pids  # fresh processes every time, never this one
+
+
+def test_a_failing_rank_fails_with_its_traceback_and_the_next_body_runs():
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError) as e:
+        spawn(_rank1_fails_while_rank0_waits, 2, timeout=120)
+    assert "rank 1:" in str(e.value) and "ValueError: planted failure on rank 1" in str(e.value)
+    assert "Traceback" in str(e.value)
+    assert time.monotonic() - t0 < 60  # rank 0, stuck in its barrier, was killed, not waited for
+    assert [v for _, v, _ in spawn(_allreduce_rank, 2)] == [3.0, 3.0]
+
+
+def test_a_hung_rank_times_out_naming_it_and_the_next_body_runs():
+    with pytest.raises(AssertionError, match=r"timed out after 3s; ranks that had not finished: \[1\]"):
+        spawn(_rank1_hangs, 2, timeout=3)
+    assert [v for _, v, _ in spawn(_allreduce_rank, 2)] == [3.0, 3.0]
+
+
+def test_a_forked_command_has_its_own_cwd_environment_and_exit_code(tmp_path):
+    p = cli("train", "--config", "missing.yaml", cwd=tmp_path, env={"DIST_TRAIN_PROBE": "1"})
+    assert p.returncode == 2 and p.stderr == "dist-train: error: config file 'missing.yaml' not found\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_forked_command_that_hangs_is_killed_at_its_timeout(tmp_path):
+    os.mkfifo(tmp_path / "c.yaml")  # opening it for reading blocks
+    with pytest.raises(forkserver.subprocess.TimeoutExpired):
+        forkserver.run(["train", "--config", "c.yaml", "--debug"], cwd=tmp_path, env=dict(os.environ), timeout=0.1)
+    assert cli("train", "--config", "missing.yaml", cwd=tmp_path).returncode == 2  # the server goes on
+
+
+def test_a_command_killed_by_a_signal_reports_it(tmp_path):
+    os.mkfifo(tmp_path / "c.yaml")  # the command blocks opening it
+    with open(os.devnull, "rb") as inp, open(tmp_path / "log", "wb") as out:
+        sock, pid = forkserver.start(["-m", "train", "--config", "c.yaml"], tmp_path, dict(os.environ),
+                                     (inp.fileno(), out.fileno(), out.fileno()))
+    os.kill(pid, signal.SIGKILL)
+    assert forkserver.wait(sock, pid, 60) == -signal.SIGKILL
