@@ -30,6 +30,19 @@ def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 
     return forkserver.run(list(args), cwd=cwd, env=full_env, timeout=timeout)
 
 
+def torchrun_cli(*args: str, nproc: int, cwd: Path = ROOT, env: dict | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=NPROC -m dist_train ARGS`, with the workers torchrun would start
+    (its environment, its signal forwarding, the others stopped when one fails) forked warm
+    (tests/forkserver._agent): for tests of the workers; the real launchers run in the launcher tests and
+    the README's commands."""
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
+    full_env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)})
+    full_env.update(env or {})
+    return forkserver.torchrun(list(args), nproc, cwd=cwd, env=full_env, timeout=timeout)
+
+
 def fresh_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`cli`, but a fresh interpreter (`sys.executable -m dist_train`): for what only a cold start shows."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}

@@ -27,7 +27,7 @@ fresh one shows.
 
 from __future__ import annotations
 
-import array
+import contextlib
 import io
 import os
 import pickle
@@ -154,6 +154,8 @@ def _run_main(kind: str, req: dict) -> int:
             pickle.dump(outcome, f)
         os.rename(tmp, req["result"])
         return 0 if outcome[0] else 1
+    if kind == "agent":  # torchrun's agent, for tests where the launcher is not what is tested
+        return _agent(req)
     if kind == "module":  # python -m dist_train ...
         sys.argv[0] = "-m"
         runpy.run_module("dist_train", run_name="__main__", alter_sys=True)
@@ -162,6 +164,78 @@ def _run_main(kind: str, req: dict) -> int:
 
         entry()
     return 0
+
+
+#: What torchrun's agent exports to each worker (torch.distributed.elastic), for `nproc` ranks on one node.
+def _torchrun_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": "forkserver", "OMP_NUM_THREADS": "1"}
+
+
+#: The signals torchrun's agent forwards to its workers (TORCHELASTIC_SIGNALS_TO_HANDLE's default).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: torchrun's --shutdown_timeout: how long the workers have after the agent forwards a signal or a worker failed.
+SHUTDOWN_S = 30.0
+
+
+def _agent(req: dict) -> int:
+    """`torchrun --standalone --nproc_per_node=N -m dist_train ARGS` as its agent behaves: N workers with its
+    environment (warm forks of this process, not fresh interpreters), a signal the agent receives forwarded
+    to every worker, the others stopped when one fails; exit 0, 128 + the signal it received (as
+    dist_train.torchrun ends), or 1 when a worker failed."""
+    import socket as _socket
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nproc = int(req["nproc"])
+    ranks: dict[int, int] = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            for signum in FORWARDED:
+                signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            os.environ.update(_torchrun_env(rank, nproc, port))
+            return _run_main("module", req)
+        ranks[pid] = rank
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    codes: dict[int, int] = {}
+    deadline = None
+    while len(codes) < nproc:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            if deadline is None and received:
+                deadline = time.monotonic() + SHUTDOWN_S
+            if deadline is not None and time.monotonic() > deadline:
+                for p in ranks:
+                    if ranks[p] not in codes:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(p, signal.SIGKILL)
+            time.sleep(0.02)
+            continue
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        codes[ranks[pid]] = code
+        if code != 0 and deadline is None and not received:  # a worker failed: stop the others
+            deadline = time.monotonic() + SHUTDOWN_S
+            for p in ranks:
+                if ranks[p] not in codes:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGTERM)
+    if received:
+        return 128 + received[0]
+    return 0 if all(c == 0 for c in codes.values()) else 1
 
 
 _BASE_PATH: list[str] = []
@@ -295,6 +369,24 @@ def run(args: list[str], cwd, env: dict, timeout: Optional[float] = None, input:
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     cmd = [sys.executable, "-m", "dist_train", *args]
+    if code is None:
+        raise subprocess.TimeoutExpired(cmd, time.monotonic() - t0, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
+
+
+def torchrun(args: list[str], nproc: int, cwd, env: dict, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=NPROC -m dist_train ARGS`, its workers forked warm (see _agent):
+    for tests of what the workers do, not of the launcher (which other tests and the README run for real)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as inp:
+        t0 = time.monotonic()
+        sock, pid = start(["-m", *args], cwd, env, (inp.fileno(), out.fileno(), err.fileno()), kind="agent",
+                          nproc=nproc)
+        code = wait(sock, pid, timeout)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    cmd = ["torchrun", f"--nproc_per_node={nproc}", "-m", "dist_train", *args]
     if code is None:
         raise subprocess.TimeoutExpired(cmd, time.monotonic() - t0, stdout, stderr)
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)

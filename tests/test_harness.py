@@ -88,3 +88,28 @@ def test_a_command_killed_by_a_signal_reports_it(tmp_path):
                                      (inp.fileno(), out.fileno(), out.fileno()))
     os.kill(pid, signal.SIGKILL)
     assert forkserver.wait(sock, pid, 60) == -signal.SIGKILL
+
+
+def test_the_forked_torchrun_agent_gives_each_worker_torchruns_environment_and_forwards_signals(tmp_path):
+    """tests/forkserver._agent stands in for torchrun where the launcher is not what is tested: a stop signal
+    to the agent reaches every worker (STOP_TARGET=parent: rank 0's model signals its parent, the agent), the
+    run stops on both ranks and the job exits 128 + SIGTERM, as under torchrun."""
+    from tests.conftest import DEBUG, torchrun_cli
+
+    run = tmp_path / "run"
+    p = torchrun_cli("train", "-c", str(DEBUG), f"run.out_dir={run}", "train.max_steps=50", "optim.warmup_steps=0",
+                     "logging.every=1", "logging.wandb.mode=disabled", "model.factory=tests.helpers:signal_gpt",
+                     nproc=2, env={"STOP_AT_CALL": "2", "STOP_TARGET": "parent"})
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert "2 processes (torchrun, backend gloo)" in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.startswith("dist-train: stopped: SIGTERM")]) == 1
+
+
+def test_the_forked_torchrun_agent_stops_the_others_when_a_worker_fails(tmp_path):
+    from tests.conftest import DEBUG, torchrun_cli
+
+    t0 = time.monotonic()
+    p = torchrun_cli("train", "-c", str(DEBUG), f"run.out_dir={tmp_path / 'r'}", "train.max_steps=12",
+                     "logging.wandb.mode=disabled", "model.factory=tests.helpers:fail_on_rank1", nproc=2, timeout=120)
+    assert p.returncode == 1 and "planted failure on this rank" in p.stderr, p.stderr
+    assert time.monotonic() - t0 < 60

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from dist_train.metrics import read_jsonl
-from tests.conftest import DEBUG, cli, checkpoint_params, latest_checkpoint
-from tests.test_strategies import _script
+from tests.conftest import DEBUG, checkpoint_params, cli, latest_checkpoint, torchrun_cli
 from tests.wandb_reader import history_of
 
 # 48 samples a step: divisible by 1, 2 and 3 processes.
@@ -41,7 +40,8 @@ def train(run: Path, how: str, nproc: int = 1, *extra: str, stop: bool = False, 
     if how == "single":
         return cli("train", *BASE, *args, env=env)
     strategy = {"ddp": [], "fsdp": ["dist.strategy=fsdp"], "deepspeed": ["dist.strategy=deepspeed"]}[how]
-    return _script("launch/torchrun.sh", *BASE[2:], *args, *strategy, NPROC_PER_NODE=str(nproc), **env)
+    # torchrun's workers and its agent's signal forwarding (STOP_TARGET=parent signals the agent), forked warm.
+    return torchrun_cli("train", *BASE, *args, *strategy, nproc=nproc, env=env)
 
 
 def stopped_step(p) -> int:
