@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,14 @@ def fresh_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: fl
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+_SESSION_START = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite's wall time, last: what CI and a contributor compare (README, Contributing)."""
+    terminalreporter.write_line(f"suite wall time: {time.monotonic() - _SESSION_START:.0f} s")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,8 +4,9 @@ quick start, in a fresh copy of the repository (with few steps).
 What is not run, and why: `pip install ...` (CI has just done it; the CPU wheel
 index is not reachable from CI) and `python -m pytest` (the suite running this).
 Few steps: training commands get `train.max_steps=20` appended (an override, as
-a user would add one), benchmarks `--steps 2 --rounds 1` (but for a `--quick` one). Multi-node templates
-are ```text blocks, which need other machines.
+a user would add one), but for recipes whose steps matter (VERBATIM_KEYS);
+benchmarks `--steps 2 --rounds 1` (but for a `--quick` one). Multi-node
+templates are ```text blocks, which need other machines.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from tests import forkserver
 from tests.conftest import ROOT, SHIMS
 
 FEW_STEPS = "train.max_steps=20"
+#: A command naming one of these is a recipe whose steps matter (which checkpoints exist, which batches are
+#: left out): it runs as written, all its steps, never shortened.
+VERBATIM_KEYS = ("train.resume=", "train.checkpoint_every=", "data.skip_steps")
 
 
 def readme_commands() -> list[str]:
@@ -47,7 +51,8 @@ def runnable(command: str) -> str | None:
         p = re.sub(r"\s+#.*$", "", p)  # a trailing comment would swallow what is appended
         if "benchmarks/" in p and "--quick" not in p:  # a --quick grid is short already
             p += " --steps 2 --rounds 1"
-        elif ("dist-train train" in p or "launch/" in p) and "COMMAND=verify" not in p:
+        elif (("dist-train train" in p or "launch/" in p) and "COMMAND=verify" not in p
+              and not any(k in p for k in VERBATIM_KEYS)):
             p += f" {FEW_STEPS}"
         out.append(p)
     return " && ".join(out)
@@ -92,7 +97,14 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
         assert "Traceback" not in p.stderr, line
         ran.append(line)
     runs = fresh_copy / "runs"
-    for name in ("debug", "ddp", "debug-script", "bf16", "text", "convlm"):
+    for name in ("debug", "ddp", "debug-script", "bf16", "text", "convlm", "spiky-skip"):
         assert (runs / name / "metrics.jsonl").is_file(), name
+    # The roll-back recipe as written: its spike is where the text says, and the fork trains from there on.
+    import json
+
+    spikes = [json.loads(line) for line in (runs / "spiky" / "spikes.jsonl").read_text().splitlines()]
+    assert spikes and spikes[0]["batch"] == 26, spikes[:1]
+    forked = [json.loads(line)["step"] for line in (runs / "spiky-skip" / "metrics.jsonl").read_text().splitlines()]
+    assert forked[0] > 20 and forked[-1] == 300, forked
     assert (runs / "text" / "vocab.json").is_file()
     assert len(ran) >= 8
