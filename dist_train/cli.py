@@ -280,6 +280,16 @@ class _Stderr(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """On a line of its own above a progress bar that is showing (dist_train.progress.say), not glued to it."""
+        progress = sys.modules.get("dist_train.progress")  # no bar can show before that module is loaded
+        if progress is None:
+            return super().emit(record)
+        try:
+            progress.say(self.format(record), self.stream)
+        except Exception:
+            self.handleError(record)
+
 
 def _setup_logging(debug: bool) -> None:
     logger = logging.getLogger("dist_train")

@@ -249,6 +249,27 @@ def test_a_stop_signal_message_goes_on_its_own_line_above_the_bar(monkeypatch):
     assert lines[-1].startswith("4/20 ") and lines[-1].endswith("loss 1.500 grad_norm 2.000 -> 1.000"), lines
 
 
+def test_a_warning_logged_while_the_bar_shows_goes_on_its_own_line(monkeypatch):
+    """The package's log records (e.g. "W&B stopped working") through cli's handler, with a bar showing."""
+    import logging
+
+    from dist_train import cli
+
+    terminal = Stream(tty=True)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cli._setup_logging(False)
+    record = {"step": 3, "train/loss": 1.5, "grad_norm/raw": 2.0, "grad_norm/clipped": 1.0}
+    bar = ProgressReporter(Progress.auto, total=20)
+    for _ in range(3):
+        bar.step(record)
+    logging.getLogger("dist_train").warning("W&B stopped working")
+    bar.step(record)
+    bar.close()
+    lines = screen(terminal.getvalue())
+    assert "dist-train: warning: W&B stopped working" in lines, lines
+    assert lines[-1].startswith("4/20 "), lines
+
+
 def test_say_without_a_bar_is_a_plain_line():
     out = Stream(tty=False)
     say("hello", out)
