@@ -75,8 +75,8 @@ def timed(cmd: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="rounds of every arm (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=1, help="ignored: a start-up benchmark takes one step "
-                    "(accepted so that the README test's --steps 2 --rounds 1 applies)")
+    ap.add_argument("--steps", type=int, default=1, help="ignored: a start-up benchmark takes one step; accepted "
+                    "so that every benchmark takes the README test's --steps 2 --rounds 1 (default: %(default)s)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     args = ap.parse_args()
     table = arms(args.device)

@@ -358,18 +358,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 class _ReaderGone:
     """sys.stdout or sys.stderr of the `dist-train` process: when the pipe's reader has gone (`| head -3`),
     the write is dropped and the stream's descriptor is pointed at /dev/null, so that nothing (Python, tqdm,
-    a C library) writes there again; the kernel's SIGPIPE stops the run as a stop signal does (StopSignal),
-    so the run ends after the current step with everything written whole, and exits 128 + SIGPIPE."""
+    a C library) writes there again, and the run is stopped as by a stop signal (signals.reader_gone): it
+    ends after the current step with everything written whole, and exits 128 + SIGPIPE."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
 
     def _gone(self) -> None:
+        from dist_train.signals import reader_gone
+
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
         finally:
             os.close(devnull)
+        reader_gone()
 
     def write(self, text: str) -> int:
         try:

@@ -54,57 +54,54 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
 
     fig = _figure(figsize=(8, 7))
     ax_loss, ax_norm = fig.subplots(2, 1, sharex=True)
-    try:
-        loss = _series(records, "train/loss")
-        _draw(ax_loss, loss, color="tab:blue")
-        if not loss[0]:
-            _note(ax_loss, "no finite loss: every logged loss is NaN/inf")
-            ax_loss.set_yticks([])  # an empty axis's 0 +- 0.05 would read as values
-        ax_loss.set_ylabel("train/loss")
-        ax_loss.set_title(run_dir.resolve().name)
-        ax_loss.grid(alpha=0.3)
+    loss = _series(records, "train/loss")
+    _draw(ax_loss, loss, color="tab:blue")
+    if not loss[0]:
+        _note(ax_loss, "no finite loss: every logged loss is NaN/inf")
+        ax_loss.set_yticks([])  # an empty axis's 0 +- 0.05 would read as values
+    ax_loss.set_ylabel("train/loss")
+    ax_loss.set_title(run_dir.resolve().name)
+    ax_loss.grid(alpha=0.3)
 
-        raw = _series(records, "grad_norm/raw")
-        # The clipped norm is a wide pale band under the thin raw line: where nothing is clipped the two are
-        # equal and the raw line runs along the band; a clipped step's band lies at the threshold, below it.
-        _draw(ax_norm, raw, label="raw (pre-clip)", color=RAW, linewidth=1.2, zorder=3)
-        _draw(ax_norm, _series(records, "grad_norm/clipped"), label="clipped (applied)", color=CLIPPED,
-              linewidth=5, zorder=2)
-        xs, ys = _series(records, "grad_norm/threshold")
-        if xs:
-            _draw(ax_norm, (xs, ys), label="threshold", color=THRESHOLD, linestyle="--", linewidth=1, zorder=4)
-        spiked = [(r["step"], r["grad_norm/raw"]) for r in records
-                  if r.get("clip/spike_clipped") and r.get("grad_norm/raw") is not None]
-        if spiked:
-            ax_norm.scatter(*zip(*spiked), marker="^", color="purple", zorder=5, label="spike clipped (zscore)")
-        skipped = [r["step"] for r in records if r.get("optim/step_skipped")]
-        for i, s in enumerate(skipped):
-            ax_norm.axvline(s, color="orange", alpha=0.6, label="skipped step (non-finite)" if i == 0 else None)
-        spikes = [r["step"] for r in records if r.get("optim/spike_skipped")]
-        for i, s in enumerate(spikes):
-            ax_norm.axvline(s, color="purple", alpha=0.4, linestyle=":", label="skipped spike" if i == 0 else None)
-        # A resumed run's rows continue its steps without a gap: its first row says where it resumed.
-        resumes = [r[RESUMED_FROM] for r in records if type(r.get(RESUMED_FROM)) is int]
-        for i, k in enumerate(resumes):
-            for ax in (ax_loss, ax_norm):
-                ax.axvline(k, color=RESUMED, linestyle="-.", linewidth=1,
-                           label="resumed" if ax is ax_norm and i == 0 else None)
-            ax_loss.annotate(f"resumed from step {k}", xy=(k, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                             textcoords="offset points", ha="left", va="top", fontsize=8, color=RESUMED)
-        if any(v > 0 for v in raw[1] + ys):
-            ax_norm.set_yscale("log")  # a log axis needs a positive value to show
-            ax_norm.yaxis.set_major_formatter(_decimal_log_formatter())
-            # Label the 2..9 ticks too where the axis spans little more than a decade (else one label or two).
-            ax_norm.yaxis.set_minor_formatter(_decimal_log_formatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-        if not raw[0]:
-            _note(ax_norm, "no finite gradient norm: every logged norm is NaN/inf")
-        ax_norm.set_xlabel("optimizer step")
-        ax_norm.set_ylabel("global grad norm")
-        ax_norm.grid(alpha=0.3, which="both")
-        ax_norm.legend(loc="best")
-        _save(fig, out_path)
-    finally:
-        fig.clear()
+    raw = _series(records, "grad_norm/raw")
+    # The clipped norm is a wide pale band under the thin raw line: where nothing is clipped the two are
+    # equal and the raw line runs along the band; a clipped step's band lies at the threshold, below it.
+    _draw(ax_norm, raw, label="raw (pre-clip)", color=RAW, linewidth=1.2, zorder=3)
+    _draw(ax_norm, _series(records, "grad_norm/clipped"), label="clipped (applied)", color=CLIPPED,
+          linewidth=5, zorder=2)
+    xs, ys = _series(records, "grad_norm/threshold")
+    if xs:
+        _draw(ax_norm, (xs, ys), label="threshold", color=THRESHOLD, linestyle="--", linewidth=1, zorder=4)
+    spiked = [(r["step"], r["grad_norm/raw"]) for r in records
+              if r.get("clip/spike_clipped") and r.get("grad_norm/raw") is not None]
+    if spiked:
+        ax_norm.scatter(*zip(*spiked), marker="^", color="purple", zorder=5, label="spike clipped (zscore)")
+    skipped = [r["step"] for r in records if r.get("optim/step_skipped")]
+    for i, s in enumerate(skipped):
+        ax_norm.axvline(s, color="orange", alpha=0.6, label="skipped step (non-finite)" if i == 0 else None)
+    spikes = [r["step"] for r in records if r.get("optim/spike_skipped")]
+    for i, s in enumerate(spikes):
+        ax_norm.axvline(s, color="purple", alpha=0.4, linestyle=":", label="skipped spike" if i == 0 else None)
+    # A resumed run's rows continue its steps without a gap: its first row says where it resumed.
+    resumes = [r[RESUMED_FROM] for r in records if type(r.get(RESUMED_FROM)) is int]
+    for i, k in enumerate(resumes):
+        for ax in (ax_loss, ax_norm):
+            ax.axvline(k, color=RESUMED, linestyle="-.", linewidth=1,
+                       label="resumed" if ax is ax_norm and i == 0 else None)
+        ax_loss.annotate(f"resumed from step {k}", xy=(k, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                         textcoords="offset points", ha="left", va="top", fontsize=8, color=RESUMED)
+    if any(v > 0 for v in raw[1] + ys):
+        ax_norm.set_yscale("log")  # a log axis needs a positive value to show
+        ax_norm.yaxis.set_major_formatter(_decimal_log_formatter())
+        # Label the 2..9 ticks too where the axis spans little more than a decade (else one label or two).
+        ax_norm.yaxis.set_minor_formatter(_decimal_log_formatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if not raw[0]:
+        _note(ax_norm, "no finite gradient norm: every logged norm is NaN/inf")
+    ax_norm.set_xlabel("optimizer step")
+    ax_norm.set_ylabel("global grad norm")
+    ax_norm.grid(alpha=0.3, which="both")
+    ax_norm.legend(loc="best")
+    _save(fig, out_path)
     return out_path
 
 
@@ -185,19 +182,16 @@ def plot_layers(run_dir: str | Path, out: Optional[str | Path] = None) -> Option
     steps = [r["step"] for r in rows]
     fig = _figure(figsize=(max(6.0, min(16.0, 0.25 * len(rows) + 4)), max(3.0, 0.3 * len(modules) + 1.5)))
     ax = fig.subplots()
-    try:
-        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
-        drawn = bool(np.isfinite(grid).any())
-        if not drawn:
-            _note(ax, "no finite per-layer norm: every one logged is NaN/inf or 0")
-        ax.set_yticks(range(len(modules)), modules, fontsize=7)
-        ticks = list(range(0, len(steps), -(-len(steps) // 12)))  # every k-th column, evenly spaced
-        ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"{Path(run_dir).resolve().name}: raw gradient norm per module (log10)")
-        if drawn:  # an empty one would show a made-up scale
-            fig.colorbar(image, ax=ax, label="log10 grad norm")
-        _save(fig, out_path)
-    finally:
-        fig.clear()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    drawn = bool(np.isfinite(grid).any())
+    if not drawn:
+        _note(ax, "no finite per-layer norm: every one logged is NaN/inf or 0")
+    ax.set_yticks(range(len(modules)), modules, fontsize=7)
+    ticks = list(range(0, len(steps), -(-len(steps) // 12)))  # every k-th column, evenly spaced
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+    ax.set_xlabel("optimizer step")
+    ax.set_title(f"{Path(run_dir).resolve().name}: raw gradient norm per module (log10)")
+    if drawn:  # an empty one would show a made-up scale
+        fig.colorbar(image, ax=ax, label="log10 grad norm")
+    _save(fig, out_path)
     return out_path

@@ -1,13 +1,13 @@
-"""Graceful stop on SIGTERM, SIGINT and SIGPIPE; checkpoint and requeue on SIGUSR2 (and SIGUSR1).
+"""Graceful stop on SIGTERM, SIGINT and a closed output; checkpoint and requeue on SIGUSR2 (and SIGUSR1).
 
 The first signal only records a request; the training loop finishes the
 optimizer step in progress, the ranks agree on where to stop
 (`distributed.StopVote`), and the run ends cleanly: metrics.jsonl complete,
 W&B finished and marked stopped, the plot drawn, exit code 128 + signal.
 SIGTERM is what `scancel`, a time limit, a preemption and torchrun's agent
-send; SIGINT is Ctrl-C; SIGPIPE comes when the reader of the output went away
-(`dist-train train ... | head -3`): the CLI silences that stream and the run
-stops as on SIGTERM, quietly (exit 141). A second signal calls `on_abort`, which ends the
+send; SIGINT is Ctrl-C. When the reader of the output goes away
+(`dist-train train ... | head -3`) the CLI silences that stream and the run
+stops as on SIGTERM, quietly, as SIGPIPE (exit 141). A second signal calls `on_abort`, which ends the
 process at once; the same signal again within `duplicate_s` seconds does not:
 in a Slurm job step a signal reaches every process, and torchrun's agent
 forwards its copy to the workers as well.
@@ -33,10 +33,12 @@ DUPLICATE_S = 0.1
 DUPLICATE_S_SLURM = 2.0
 #: Signals that ask for a checkpoint and a requeue of the Slurm job.
 REQUEUE_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
-#: The signal a write to a pipe whose reader has gone raises (`dist-train train ... | head`): a stop like
-#: SIGTERM, never an abort (every later write to that pipe raises it again, until the CLI silences the stream).
+#: What a write to an output whose reader has gone is reported as (`dist-train train ... | head`): a stop like
+#: SIGTERM, never an abort. No handler is installed for it: Python ignores SIGPIPE, so that a broken socket
+#: (W&B's service gone) is an error where it happens, not a stop; the CLI's guarded stdout and stderr call
+#: `reader_gone()` instead.
 READER_GONE = signal.SIGPIPE
-SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS, READER_GONE)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS)
 
 
 class StopSignal:
@@ -72,13 +74,24 @@ class StopSignal:
         else:
             self.on_abort(signum)
 
+    #: The StopSignal whose `with` block is running (the one reader_gone() asks to stop).
+    current: Optional["StopSignal"] = None
+
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+        self._outer, StopSignal.current = StopSignal.current, self
         return self
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        StopSignal.current = self._outer
+
+
+def reader_gone() -> None:
+    """The reader of stdout or stderr went away: stop the run in progress as on a stop signal (SIGPIPE)."""
+    if StopSignal.current is not None:
+        StopSignal.current._handle(READER_GONE, None)
