@@ -32,6 +32,7 @@ import torch
 
 from dist_train.clip import FixedClip, NoClip
 from dist_train.step import Strategy, _Decision, _fused_step
+from quick import add_quick, apply_quick  # benchmarks/quick.py (the script's folder is on sys.path)
 
 BYTES_PER_ELEMENT = {"baseline": 40, "package": 36, "package, policy none": 32}
 
@@ -109,7 +110,8 @@ def main():
                    help="tensors the elements are split into (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="steps per arm per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=15, help="rounds, each arm in turn (default: %(default)s)")
-    args = p.parse_args()
+    smoke = add_quick(p, elements=1e6, tensors=20, steps=1, rounds=1)
+    args = apply_quick(p, p.parse_args(), smoke)
     args.elements = int(args.elements)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.tensors} tensors, {args.elements / 1e6:.0f}M fp32 elements, {args.rounds} rounds x {args.steps} "

@@ -46,6 +46,7 @@ import torch
 
 from dist_train.config import DataConfig, TokenDtype
 from dist_train.data import GlobalBatches, TokenDataset, TokenFileDataset, inspect_token_file
+from quick import add_quick, apply_quick  # benchmarks/quick.py (the script's folder is on sys.path)
 
 VOCAB = 32000  # below 2^15, so the in-memory tensor can be int16 like text_dataset's
 GB = 1e9
@@ -140,7 +141,8 @@ def main() -> None:
     p.add_argument("--dir", help="where to write the files (default: the system's temporary folder)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--memory-file", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    smoke = add_quick(p, steps=5, rounds=1, speed_gb=0.002, sizes_gb="0.002,0.004", memory_batches=20)
+    args = apply_quick(p, p.parse_args(), smoke)
     torch.set_num_threads(args.threads)
     if args.memory_file:
         memory_child(args)

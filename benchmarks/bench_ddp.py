@@ -30,6 +30,7 @@ from dist_train.data import split_for_rank, synthetic_dataset
 from dist_train.strategies.ddp import DDPStrategy
 from dist_train.model import TinyGPT
 from dist_train.step import Amp, lm_loss, train_step
+from quick import add_quick, apply_quick  # benchmarks/quick.py (the script's folder is on sys.path)
 
 MAX_NORM = 1.0
 
@@ -109,7 +110,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=128, help="TinyGPT width (default: %(default)s)")
     p.add_argument("--block", type=int, default=64, help="tokens per sample (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="global batch, samples (default: %(default)s)")
-    args = p.parse_args()
+    smoke = add_quick(p, steps=2, rounds=1, layers=1, d_model=32)
+    args = apply_quick(p, p.parse_args(), smoke)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quick import add_quick, apply_quick  # benchmarks/quick.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BARE = """
@@ -75,14 +77,14 @@ def timed(cmd: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="rounds of every arm (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=1, help="ignored: a start-up benchmark takes one step; accepted "
-                    "so that every benchmark takes the README test's --steps 2 --rounds 1 (default: %(default)s)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    args = ap.parse_args()
+    smoke = add_quick(ap, rounds=1)
+    args = apply_quick(ap, ap.parse_args(), smoke)
     table = arms(args.device)
     times: dict[str, list[float]] = {name: [] for name in table}
     names = list(table)
-    timed(table[names[0]])  # warm the page cache: the first start of anything reads torch from disk
+    if not args.quick:
+        timed(table[names[0]])  # warm the page cache: the first start of anything reads torch from disk
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:

@@ -31,6 +31,7 @@ from dist_train.config import ModelConfig
 from dist_train.data import synthetic_dataset
 from dist_train.model import TinyGPT
 from dist_train.step import lm_loss, train_step
+from quick import add_quick, apply_quick  # benchmarks/quick.py (the script's folder is on sys.path)
 
 MAX_NORM = 1.0
 
@@ -122,7 +123,7 @@ def peak_memory(args, name):
 
 def memory_in_subprocess(args, name):
     cmd = [sys.executable, __file__, "--memory-arm", name] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "memory_arm" and v is not None
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("memory_arm", "quick") and v is not None
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_growth_bytes"]
@@ -139,7 +140,8 @@ def main():
     p.add_argument("--block", type=int, default=64, help="tokens per sample (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="samples per batch (default: %(default)s)")
     p.add_argument("--memory-arm", choices=["package", "bare"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+    smoke = add_quick(p, steps=2, rounds=1, layers=1, d_model=32)
+    args = apply_quick(p, p.parse_args(), smoke)
     if args.memory_arm:
         peak_memory(args, args.memory_arm)
         return

@@ -28,7 +28,7 @@ from dist_train.errors import TrainingError
 from dist_train.progress import ProgressReporter
 from dist_train.trainer import build
 from dist_train.metrics import read_jsonl
-from tests.conftest import FAST, ROOT, checkpoint_params
+from tests.conftest import FAST, ROOT, checkpoint_params, torchrun_cli
 from tests.dist_utils import free_port, spawn
 from tests.test_strategies import (CPU, _cfg, _reference, _run, _script, assert_raw_norms_match,
                                    assert_same_trajectory)
@@ -298,14 +298,30 @@ def assert_checkpoint_matches(run_dir, ref_dir):
         torch.testing.assert_close(value.float(), ref_state[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def _ds_workers(run: Path, stage: int, *extra: str, nproc: int = 2, **env: str):
+    """DeepSpeed's training workers (dist.strategy=deepspeed, the shipped zero{stage}.json) under the forked
+    torchrun agent: for what the workers compute. DeepSpeed's own launcher runs for real in
+    test_deepspeed_launcher_trains_like_one_process[3] and the README's commands."""
+    return torchrun_cli("train", "-c", str(ROOT / "configs/debug.yaml"), f"run.out_dir={run}", *FAST,
+                        "dist.strategy=deepspeed", f"dist.deepspeed_config={JSON / f'zero{stage}.json'}", *extra,
+                        nproc=nproc, env=env)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_deepspeed_launcher_trains_like_one_process(tmp_path, single_runs, stage):
+    """Stage 3 through DeepSpeed's launcher (launch/deepspeed.sh), W&B offline; stages 0-2 the same workers
+    under torchrun's environment (the README runs the launcher with stages 0 and 3 too)."""
     run = tmp_path / "ds"
     wandb = "offline" if stage == 3 else "disabled"
-    p = _script("launch/deepspeed.sh", f"run.out_dir={run}", *FAST, f"logging.wandb.mode={wandb}",
-                NUM_PROCESSES="2", DS_CONFIG=f"configs/deepspeed/zero{stage}.json", MASTER_PORT=str(free_port()))
+    if stage == 3:
+        p = _script("launch/deepspeed.sh", f"run.out_dir={run}", *FAST, f"logging.wandb.mode={wandb}",
+                    NUM_PROCESSES="2", DS_CONFIG=f"configs/deepspeed/zero{stage}.json", MASTER_PORT=str(free_port()))
+        launcher = "deepspeed"
+    else:
+        p = _ds_workers(run, stage, f"logging.wandb.mode={wandb}")
+        launcher = "torchrun"
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "2 processes (deepspeed, backend gloo)" in p.stderr
+    assert f"2 processes ({launcher}, backend gloo)" in p.stderr
     assert f"strategy deepspeed: DeepSpeed {deepspeed.__version__} ZeRO stage {stage} over 2 processes" in p.stderr
     rows = read_jsonl(run / "metrics.jsonl")
     assert all(r["grad_norm/raw"] is not None for r in rows)  # stage 0 too: computed where the engine gives None
@@ -326,9 +342,7 @@ def test_the_run_stops_at_the_limit_itself_under_deepspeed(ds):
 
 def test_nan_under_the_launcher_is_logged_as_skipped(tmp_path, single_runs):
     run = tmp_path / "nan"
-    p = _script("launch/deepspeed.sh", f"run.out_dir={run}", *FAST, "logging.wandb.mode=offline",
-                "model.factory=tests.helpers:nan_gpt", NUM_PROCESSES="2", DS_CONFIG="configs/deepspeed/zero2.json",
-                MASTER_PORT=str(free_port()), NAN_CALLS="5")
+    p = _ds_workers(run, 2, "logging.wandb.mode=offline", "model.factory=tests.helpers:nan_gpt", NAN_CALLS="5")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = read_jsonl(run / "metrics.jsonl")
     skipped = [r for r in rows if r["optim/step_skipped"]]
@@ -339,10 +353,10 @@ def test_nan_under_the_launcher_is_logged_as_skipped(tmp_path, single_runs):
 
 
 def test_torchrun_form_and_accumulation(tmp_path, single_runs):
+    """launch/deepspeed.sh's LAUNCHER=torchrun form (its workers; the README runs the script so) with
+    gradient accumulation."""
     run = tmp_path / "tr"
-    p = _script("launch/deepspeed.sh", f"run.out_dir={run}", *FAST, "logging.wandb.mode=disabled",
-                "train.grad_accum_steps=2", LAUNCHER="torchrun", NPROC_PER_NODE="2",
-                DS_CONFIG="configs/deepspeed/zero1.json")
+    p = _ds_workers(run, 1, "logging.wandb.mode=disabled", "train.grad_accum_steps=2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 processes (torchrun, backend gloo)" in p.stderr and "ZeRO stage 1" in p.stderr
     assert_same_trajectory(read_jsonl(run / "metrics.jsonl"), read_jsonl(single_runs / "clean/metrics.jsonl"), 1e-5)
@@ -372,11 +386,11 @@ def test_accelerate_launch_with_deepspeed(tmp_path, single_runs, json_name, bf16
         assert_checkpoint_matches(run, single_runs / "clean")
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_verify_with_deepspeed(launcher):
-    env = {"NUM_PROCESSES": "2", "MASTER_PORT": str(free_port())} if launcher == "deepspeed" else {"NPROC_PER_NODE": "2"}
-    p = _script("launch/deepspeed.sh", "--steps", "3", COMMAND="verify", LAUNCHER=launcher,
-                DS_CONFIG="configs/deepspeed/zero3.json", **env)
+def test_verify_with_deepspeed():
+    """`dist-train verify` under DeepSpeed ZeRO-3 (its workers; the README runs verify through DeepSpeed's
+    launcher with ZeRO-0)."""
+    p = torchrun_cli("verify", "-c", str(ROOT / "configs/debug.yaml"), "--steps", "3", "dist.strategy=deepspeed",
+                     f"dist.deepspeed_config={JSON / 'zero3.json'}", nproc=2)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "strategy deepspeed" in p.stdout and "verdict: PASS" in p.stdout
 

@@ -18,7 +18,7 @@ from dist_train.distributed import DistState
 from dist_train.errors import TrainingError, UsageError
 from dist_train.metrics import read_jsonl
 from dist_train.trainer import build, micro_batches, optimizer_step
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli, torchrun_cli
 from tests.dist_utils import free_port, spawn
 
 DEBUG = ROOT / "configs/debug.yaml"
@@ -277,23 +277,19 @@ def test_launch_script_two_nodes_with_fixed_node_ranks_match_single_process(tmp_
 
 
 def test_verify_passes_and_catches_unsynchronised_gradients():
-    ok = subprocess.run(["bash", "launch/torchrun.sh", "--steps", "4"], cwd=ROOT,
-                        env=_env(NPROC_PER_NODE="2", COMMAND="verify"), capture_output=True, text=True, timeout=300)
+    """verify's workers (the README runs `COMMAND=verify launch/torchrun.sh` for real), and its self-test."""
+    ok = torchrun_cli("verify", "-c", str(DEBUG), "--steps", "4", nproc=2)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "verdict: PASS" in ok.stdout and "parameters identical on all ranks: yes" in ok.stdout
-    bad = torchrun("--standalone", "--nproc_per_node=2", "-m", "dist_train", "verify", "-c", str(DEBUG),
-                   "--steps", "3", "--inject", "unsynced-grads")
-    out = bad.communicate(timeout=300)[0]
+    bad = torchrun_cli("verify", "-c", str(DEBUG), "--steps", "3", "--inject", "unsynced-grads", nproc=2)
     assert bad.returncode != 0
-    assert "verdict: FAIL" in out and "parameters identical on all ranks: NO" in out
+    assert "verdict: FAIL" in bad.stdout and "parameters identical on all ranks: NO" in bad.stdout
 
 
 def test_unreachable_rendezvous_fails_clearly_within_the_timeout(tmp_path):
     env = _env(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "dist_train", "train", "-c", str(DEBUG), "dist.timeout_s=3",
-                        f"run.out_dir={tmp_path / 'r'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = cli("train", "-c", str(DEBUG), "dist.timeout_s=3", f"run.out_dir={tmp_path / 'r'}", env=env, timeout=120)
     elapsed = time.monotonic() - t0
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith("dist-train: error: rank 1 of 2 could not join the process group")

@@ -5,7 +5,7 @@ What is not run, and why: `pip install ...` (CI has just done it; the CPU wheel
 index is not reachable from CI) and `python -m pytest` (the suite running this).
 Few steps: training commands get `train.max_steps=20` appended (an override, as
 a user would add one), but for recipes whose steps matter (VERBATIM_KEYS);
-benchmarks `--steps 2 --rounds 1` (but for a `--quick` one). Multi-node
+benchmarks `--quick` (each code path once at tiny sizes). Multi-node
 templates are ```text blocks, which need other machines.
 """
 
@@ -49,8 +49,8 @@ def runnable(command: str) -> str | None:
     out = []
     for p in parts:
         p = re.sub(r"\s+#.*$", "", p)  # a trailing comment would swallow what is appended
-        if "benchmarks/" in p and "--quick" not in p:  # a --quick grid is short already
-            p += " --steps 2 --rounds 1"
+        if "benchmarks/" in p and "--quick" not in p:  # every benchmark's smoke run (benchmarks/quick.py)
+            p += " --quick"
         elif (("dist-train train" in p or "launch/" in p) and "COMMAND=verify" not in p
               and not any(k in p for k in VERBATIM_KEYS)):
             p += f" {FEW_STEPS}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.metrics import read_jsonl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli
 from tests.wandb_reader import exit_code as wandb_exit_code
 from tests.wandb_reader import history
 
@@ -257,8 +257,8 @@ def test_disk_full_with_wandb_offline_neither_hangs_nor_loses_metrics(tiny_disk)
 
 
 def train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_train", "train", "-c", DEBUG, *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    """A run to completion, its own process forked warm (the runs these tests signal are fresh interpreters)."""
+    return cli("train", "-c", DEBUG, *args, cwd=cwd, env=_env(), timeout=300)
 
 
 def test_a_live_run_directory_is_locked_even_against_overwrite(tmp_path):

@@ -23,7 +23,7 @@ from dist_train.errors import ConfigError
 from dist_train.metrics import read_jsonl
 from dist_train.strategies import Plan, resolve
 from dist_train.trainer import build, optimizer_step
-from tests.conftest import DEBUG, FAST, ROOT, checkpoint_params
+from tests.conftest import DEBUG, FAST, ROOT, checkpoint_params, torchrun_cli
 from tests.dist_utils import spawn
 from tests.test_train import assert_wandb_matches_jsonl
 
@@ -414,11 +414,11 @@ def test_verify_under_accelerate_launch():
     assert "strategy accelerate" in p.stdout and "verdict: PASS" in p.stdout
 
 
-# ---- FSDP2, end to end with launch/torchrun.sh ---------------------------------------------------
+# ---- FSDP2, end to end under torchrun's workers (the README runs launch/torchrun.sh with FSDP2, train and verify)
 def test_fsdp_under_torchrun_matches_single_process_and_wandb(tmp_path, single_runs):
     run = tmp_path / "fsdp"
-    p = _script("launch/torchrun.sh", f"run.out_dir={run}", "dist.strategy=fsdp", *FAST,
-                "logging.wandb.mode=offline", NPROC_PER_NODE="2")
+    p = torchrun_cli("train", "-c", str(DEBUG), f"run.out_dir={run}", "dist.strategy=fsdp", *FAST,
+                     "logging.wandb.mode=offline", nproc=2)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "strategy fsdp: FSDP2 over 2 processes" in p.stderr
     assert_same_trajectory(read_jsonl(run / "metrics.jsonl"), read_jsonl(single_runs / "clean/metrics.jsonl"), 1e-5)
@@ -427,7 +427,7 @@ def test_fsdp_under_torchrun_matches_single_process_and_wandb(tmp_path, single_r
 
 
 def test_verify_with_fsdp():
-    p = _script("launch/torchrun.sh", "--steps", "3", "dist.strategy=fsdp", COMMAND="verify", NPROC_PER_NODE="2")
+    p = torchrun_cli("verify", "-c", str(DEBUG), "--steps", "3", "dist.strategy=fsdp", nproc=2)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "strategy fsdp" in p.stdout and "verdict: PASS" in p.stdout and "n/a (sharded" in p.stdout
 

@@ -19,10 +19,10 @@ from dist_train.data import TokenDataset, TokenFileDataset, build_dataset, text_
 from dist_train.errors import ConfigError, UsageError
 from dist_train.metrics import read_jsonl
 from dist_train.prepare import prepare
-from tests.conftest import ROOT
+from tests.conftest import ROOT, torchrun_cli
 from tests.test_bad_input import DIR, _make, sidecar_text, tokens
 from tests.test_data import TEXT
-from tests.test_distributed import _env, assert_same_trajectory
+from tests.test_distributed import assert_same_trajectory
 
 DEBUG = str(ROOT / "configs/debug.yaml")
 FAST = ["train.max_steps=12", "optim.warmup_steps=4", "logging.every=4", "logging.wandb.mode=disabled",
@@ -330,9 +330,9 @@ def test_a_token_file_trains_exactly_as_the_text_it_came_from(runs):
 
 
 def test_two_processes_on_a_token_file_match_one(runs, tmp_path):
-    p = subprocess.run(["bash", "launch/torchrun.sh", f"run.out_dir={tmp_path / 'two'}",
-                        f"data.token_file={runs / 'readme.bin'}", *FAST], cwd=ROOT,
-                       env=_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=300)
+    # torchrun's workers, forked warm (the README runs launch/torchrun.sh itself).
+    p = torchrun_cli("train", "-c", str(ROOT / "configs/debug.yaml"), f"run.out_dir={tmp_path / 'two'}",
+                     f"data.token_file={runs / 'readme.bin'}", *FAST, nproc=2)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_same_trajectory(read_jsonl(tmp_path / "two/metrics.jsonl"), read_jsonl(runs / "token/metrics.jsonl"))
 

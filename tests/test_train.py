@@ -12,6 +12,7 @@ import yaml
 from dist_train.cli import main
 from dist_train.data import GlobalBatches, split_for_rank
 from dist_train.metrics import read_jsonl
+from tests import forkserver
 from tests.conftest import ROOT, cli, latest_checkpoint
 from tests.wandb_reader import config as wandb_config
 from tests.wandb_reader import exit_code as wandb_exit_code
@@ -199,10 +200,12 @@ def test_launch_debug_script(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(PYTHON=sys.executable, DEVICE="cpu", RANK="3", WORLD_SIZE="8")  # stale launcher vars are dropped
+    # PYTHON: tests/bin/python forks `-m dist_train` warm (the script's exec is what is tested).
+    env.update(PYTHON=str(ROOT / "tests/bin/python"), DEVICE="cpu", RANK="3", WORLD_SIZE="8")  # stale launcher vars are dropped
     p = subprocess.run(
         ["bash", str(ROOT / "launch/debug.sh"), f"run.out_dir={tmp_path / 'run'}", *FAST, "logging.wandb.mode=disabled"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env={**env, "DIST_TRAIN_TEST_FORKSERVER": forkserver.ForkServer.get().path}, capture_output=True, text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr
     assert len(read_jsonl(tmp_path / "run/metrics.jsonl")) == 3
