@@ -298,7 +298,15 @@ def test_prepare_shows_each_pass_from_0_to_100_percent(tmp_path):
 
 # ---------------------------------------------------------------- benchmarks
 
-@pytest.mark.parametrize("script", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+BENCHMARKS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+
+
+def test_every_benchmark_script_is_checked():
+    assert {p.name for p in BENCHMARKS} >= {"bench_step.py", "bench_ddp.py", "bench_clip.py", "bench_data.py",
+                                           "bench_startup.py", "stability.py"}
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
 def test_every_benchmark_option_shows_its_default_in_help(script, monkeypatch, capsys):
     parsers = []
     parse_args = argparse.ArgumentParser.parse_args
@@ -309,6 +317,7 @@ def test_every_benchmark_option_shows_its_default_in_help(script, monkeypatch, c
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep)
     monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/x.py` puts it first
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(script), run_name="__main__")
     assert e.value.code == 0
