@@ -127,8 +127,8 @@ def _decimal_log_formatter(**kwargs):
 
 
 def _figure(**kwargs):
-    """A figure drawn by Agg, without pyplot: no GUI backend is looked for, and the import costs about half
-    of pyplot's (a run draws its plot at the end, so this is on every run's time)."""
+    """A figure drawn by Agg, without pyplot: no GUI backend is looked for and no global figure registry is
+    kept (measured: a whole plot process took 1.89 s against pyplot's 1.92 s, within noise)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
