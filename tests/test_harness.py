@@ -74,18 +74,25 @@ def test_a_forked_command_has_its_own_cwd_environment_and_exit_code(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def _hanging_factory(d) -> list[str]:
+    """A command that hangs for good: its model factory's module sleeps at import."""
+    (d / "hang.py").write_text("import time\ntime.sleep(3600)\n")
+    return ["train", "--config", str(ROOT / "configs/debug.yaml"), "model.factory=hang:build", "run.out_dir=out"]
+
+
 def test_a_forked_command_that_hangs_is_killed_at_its_timeout(tmp_path):
-    os.mkfifo(tmp_path / "c.yaml")  # opening it for reading blocks
+    t0 = time.monotonic()
     with pytest.raises(forkserver.subprocess.TimeoutExpired):
-        forkserver.run(["train", "--config", "c.yaml", "--debug"], cwd=tmp_path, env=dict(os.environ), timeout=0.1)
+        forkserver.run(_hanging_factory(tmp_path), cwd=tmp_path, env=dict(os.environ), timeout=2)
+    assert time.monotonic() - t0 < 30
     assert cli("train", "--config", "missing.yaml", cwd=tmp_path).returncode == 2  # the server goes on
 
 
 def test_a_command_killed_by_a_signal_reports_it(tmp_path):
-    os.mkfifo(tmp_path / "c.yaml")  # the command blocks opening it
     with open(os.devnull, "rb") as inp, open(tmp_path / "log", "wb") as out:
-        sock, pid = forkserver.start(["-m", "train", "--config", "c.yaml"], tmp_path, dict(os.environ),
+        sock, pid = forkserver.start(["-m", *_hanging_factory(tmp_path)], tmp_path, dict(os.environ),
                                      (inp.fileno(), out.fileno(), out.fileno()))
+    time.sleep(0.5)
     os.kill(pid, signal.SIGKILL)
     assert forkserver.wait(sock, pid, 60) == -signal.SIGKILL
 
