@@ -22,13 +22,19 @@ SHIMS = ROOT / "tests" / "bin"
 os.environ["DIST_TRAIN_TEST_PYTHON"] = sys.executable
 
 
-def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m dist_train ARGS` as a user would, as its own process forked by the warm test server
-    (tests/forkserver.py); W&B never goes online in tests."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+def _command_env(env: dict | None, drop: tuple[str, ...] = ("WANDB_",)) -> dict:
+    """A test command's environment: this one without the variables in `drop` (W&B never goes online in
+    tests; a torchrun job drops a launcher's too), dist_train from this checkout, then `env`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     full_env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)})
     full_env.update(env or {})
-    return forkserver.run(list(args), cwd=cwd, env=full_env, timeout=timeout)
+    return full_env
+
+
+def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m dist_train ARGS` as a user would, as its own process forked by the warm test server
+    (tests/forkserver.py)."""
+    return forkserver.run(list(args), cwd=cwd, env=_command_env(env), timeout=timeout)
 
 
 def torchrun_cli(*args: str, nproc: int, cwd: Path = ROOT, env: dict | None = None,
@@ -37,20 +43,8 @@ def torchrun_cli(*args: str, nproc: int, cwd: Path = ROOT, env: dict | None = No
     (its environment, its signal forwarding, the others stopped when one fails) forked warm
     (tests/forkserver._agent): for tests of the workers; the real launchers run in the launcher tests and
     the README's commands."""
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
-    full_env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)})
-    full_env.update(env or {})
-    return forkserver.torchrun(list(args), nproc, cwd=cwd, env=full_env, timeout=timeout)
-
-
-def fresh_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`cli`, but a fresh interpreter (`sys.executable -m dist_train`): for what only a cold start shows."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    full_env.update({"WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)})
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    drop = ("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC")
+    return forkserver.torchrun(list(args), nproc, cwd=cwd, env=_command_env(env, drop), timeout=timeout)
 
 
 _SESSION_START = time.monotonic()

@@ -356,40 +356,35 @@ def wait(sock: socket.socket, pid: int, timeout: Optional[float]) -> Optional[in
     return code
 
 
-def run(args: list[str], cwd, env: dict, timeout: Optional[float] = None, input: str = "") -> subprocess.CompletedProcess:
-    """`subprocess.run([python, -m, dist_train, *args], capture_output=True, text=True)`, forked warm."""
+def _captured(argv: list[str], cwd, env: dict, timeout: Optional[float], cmd: list[str], input: str = "",
+              **extra) -> subprocess.CompletedProcess:
+    """Fork `argv` (see start) with its stdout and stderr captured, as subprocess.run(cmd, capture_output=True,
+    text=True, timeout=timeout) would return it; TimeoutExpired (the command killed) when it outlasts it."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         inp.write(input.encode())
         inp.seek(0)
         t0 = time.monotonic()
-        sock, pid = start(["-m", *args], cwd, env, (inp.fileno(), out.fileno(), err.fileno()))
+        sock, pid = start(argv, cwd, env, (inp.fileno(), out.fileno(), err.fileno()), **extra)
         code = wait(sock, pid, timeout)
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
-    cmd = [sys.executable, "-m", "dist_train", *args]
     if code is None:
         raise subprocess.TimeoutExpired(cmd, time.monotonic() - t0, stdout, stderr)
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)
+
+
+def run(args: list[str], cwd, env: dict, timeout: Optional[float] = None, input: str = "") -> subprocess.CompletedProcess:
+    """`subprocess.run([python, -m, dist_train, *args], capture_output=True, text=True)`, forked warm."""
+    return _captured(["-m", *args], cwd, env, timeout, [sys.executable, "-m", "dist_train", *args], input)
 
 
 def torchrun(args: list[str], nproc: int, cwd, env: dict, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=NPROC -m dist_train ARGS`, its workers forked warm (see _agent):
     for tests of what the workers do, not of the launcher (which other tests and the README run for real)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as inp:
-        t0 = time.monotonic()
-        sock, pid = start(["-m", *args], cwd, env, (inp.fileno(), out.fileno(), err.fileno()), kind="agent",
-                          nproc=nproc)
-        code = wait(sock, pid, timeout)
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        stderr = err.read().decode(errors="replace")
     cmd = ["torchrun", f"--nproc_per_node={nproc}", "-m", "dist_train", *args]
-    if code is None:
-        raise subprocess.TimeoutExpired(cmd, time.monotonic() - t0, stdout, stderr)
-    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
+    return _captured(["-m", *args], cwd, env, timeout, cmd, kind="agent", nproc=nproc)
 
 
 def shim(kind: str) -> None:
