@@ -15,6 +15,7 @@ its own processes down, never the server or the next test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -38,6 +39,13 @@ def _tail(path: str, chars: int = 3000) -> str:
     with open(path, "rb") as f:
         text = f.read().decode(errors="replace")
     return text[-chars:]
+
+
+def _where(d: str, rank: int) -> str:
+    """Whether a hung rank's body had returned (so it hangs on the way out) or not."""
+    if os.path.exists(os.path.join(d, f"rank{rank}.pkl")):
+        return "its body had returned; it hung while exiting"
+    return "its body had not returned"
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 180):
@@ -64,9 +72,14 @@ def spawn(fn, world_size: int, *args, timeout: float = 180):
                 ready, _, _ = select.select([s for s in ranks if ranks[s][0] not in exits], [], [], max(left, 0))
                 if not ready:
                     pending = sorted(r for r, _, _ in ranks.values() if r not in exits)
+                    for r, pid, _ in ranks.values():  # where each hung rank is: its stacks, into its log
+                        if r in pending:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, forkserver.DUMP_SIGNAL)
+                    time.sleep(1.0)
                     errors.append(f"timed out after {timeout}s; ranks that had not finished: {pending}; ranks "
                                   f"that answered: {sorted(out)}" + "".join(
-                                      f"\n--- rank {r} output (end):\n{_tail(log)}"
+                                      f"\n--- rank {r} ({_where(d, r)}) output and stacks (end):\n{_tail(log)}"
                                       for r, _, log in ranks.values() if r in pending))
                     break
                 for sock in ready:

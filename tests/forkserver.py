@@ -28,6 +28,7 @@ fresh one shows.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import os
 import pickle
@@ -47,6 +48,8 @@ from typing import Optional
 WARM = ("numpy", "torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp", "torch.optim",
         "omegaconf", "tqdm", "matplotlib", "matplotlib.pyplot", "matplotlib.figure", "wandb")
 SOCKET_ENV = "DIST_TRAIN_TEST_FORKSERVER"
+#: Sent to a hung command to have it print every thread's stack to its stderr (faulthandler).
+DUMP_SIGNAL = signal.SIGUSR1
 
 
 # ---- wire format: length-prefixed pickles, fds alongside ---------------------------------------------
@@ -97,6 +100,8 @@ def _child(req: dict, fds: list[int], close: list[socket.socket]) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A test that gives up on a hung command asks it for its stacks first (dist_utils.spawn).
+        faulthandler.register(DUMP_SIGNAL, file=2, all_threads=True)
         env = req["env"]
         os.chdir(req["cwd"])
         os.environ.clear()
@@ -136,6 +141,32 @@ def _child(req: dict, fds: list[int], close: list[socket.socket]) -> None:
             os._exit(code & 0xFF if code >= 0 else 1)
 
 
+_KEPT_GROUPS: list = []
+
+
+def _keep_process_groups() -> None:
+    """Keep every process group a test body destroys referenced until the process ends (by os._exit).
+
+    A body that leaves its session (`destroy_process_group`) while it still holds a DDP model frees the
+    model when it returns, and the model's Reducer then holds the last reference to the gloo group:
+    ~Reducer runs with the GIL held and joins gloo's worker thread, which is itself waiting for the GIL
+    to free the tensors of the last all-reduce. Seen as a rank hung for good in 3 of 60 2-rank bodies on
+    a loaded machine (py-spy: ~ProcessGroupGloo -> std::thread::join under Reducer's dealloc; the worker
+    in gil_scoped_acquire under ~AsyncAllreduceWork). A dist_train rank frees its model inside the
+    session and ends with os._exit (cli.entry), so it never drops a group that way.
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    destroy = c10d.destroy_process_group
+
+    def keeping(group=None):
+        _KEPT_GROUPS.extend(list(c10d._world.pg_map) if group is None else [group])
+        return destroy(group)
+
+    c10d.destroy_process_group = keeping
+    sys.modules["torch.distributed"].destroy_process_group = keeping
+
+
 def _run_main(kind: str, req: dict) -> int:
     import runpy
 
@@ -144,6 +175,7 @@ def _run_main(kind: str, req: dict) -> int:
 
         torch = sys.modules["torch"]
         torch.set_num_threads(1)
+        _keep_process_groups()
         try:
             fn, args = pickle.loads(req["call"])
             outcome = (True, pickle.dumps(fn(*args)))
