@@ -23,7 +23,8 @@
 #   NUM_MACHINES       machines                         (default: the Accelerate config's)
 #   MACHINE_RANK       this machine's rank, 0..NUM_MACHINES-1 (needed with NUM_MACHINES > 1)
 #   MAIN_PROCESS_IP    machine 0's address              (needed with NUM_MACHINES > 1)
-#   MAIN_PROCESS_PORT  machine 0's port                 (default: 29500)
+#   MAIN_PROCESS_PORT  machine 0's port                 (default: 29500 on several machines; on one, a
+#                      free port, so two jobs on one machine do not collide)
 #   PYTHON             interpreter with dist_train and accelerate installed (default: python)
 # Extra arguments go to the command: dotted overrides (and verify's flags).
 set -euo pipefail
@@ -76,15 +77,21 @@ fi
 NUM_PROCESSES="${NUM_PROCESSES:-$CFG_NPROC}"
 NUM_MACHINES="${NUM_MACHINES:-$CFG_NMACH}"
 MIXED_PRECISION="${MIXED_PRECISION:-$CFG_MP}"
-MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
+MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-}"
 is_count "$NUM_PROCESSES" 1 || die "NUM_PROCESSES must be a whole number >= 1, got '$NUM_PROCESSES'"
 is_count "$NUM_MACHINES" 1 || die "NUM_MACHINES must be a whole number >= 1, got '$NUM_MACHINES'"
 case "$MIXED_PRECISION" in
   no|bf16|fp16) ;;
   *) die "MIXED_PRECISION must be no, bf16 or fp16, got '$MIXED_PRECISION'" ;;
 esac
-[[ "$MAIN_PROCESS_PORT" =~ ^[0-9]+$ ]] && (( 10#$MAIN_PROCESS_PORT >= 1 && 10#$MAIN_PROCESS_PORT <= 65535 )) \
-  || die "MAIN_PROCESS_PORT must be a port number (1-65535), got '$MAIN_PROCESS_PORT'"
+if [[ -n "$MAIN_PROCESS_PORT" ]]; then
+  [[ "$MAIN_PROCESS_PORT" =~ ^[0-9]+$ ]] && (( 10#$MAIN_PROCESS_PORT >= 1 && 10#$MAIN_PROCESS_PORT <= 65535 )) \
+    || die "MAIN_PROCESS_PORT must be a port number (1-65535), got '$MAIN_PROCESS_PORT'"
+elif (( 10#$NUM_MACHINES > 1 )); then
+  MAIN_PROCESS_PORT=29500
+else  # one machine: a port the system has free now, as torchrun --standalone takes one
+  MAIN_PROCESS_PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
+fi
 (( 10#$NUM_PROCESSES % 10#$NUM_MACHINES == 0 )) \
   || die "NUM_PROCESSES=$NUM_PROCESSES (all machines) is not divisible by NUM_MACHINES=$NUM_MACHINES"
 

@@ -17,7 +17,8 @@
 #   NUM_PROCESSES  processes on this machine (deepspeed launcher)   (default: every GPU; 1 without GPUs)
 #   HOSTFILE       DeepSpeed hostfile for several machines (deepspeed launcher; NUM_PROCESSES then unused)
 #   MASTER_ADDR    address of the first host (deepspeed launcher)   (default: the first host of HOSTFILE)
-#   MASTER_PORT    rendezvous port (deepspeed launcher)             (default: 29500)
+#   MASTER_PORT    rendezvous port (deepspeed launcher)             (default: 29500 with HOSTFILE; on one
+#                  machine a free port, so two jobs on one machine do not collide)
 #   PYTHON         interpreter with dist_train and deepspeed        (default: python)
 # Extra arguments go to the command: dotted overrides (and verify's flags).
 set -euo pipefail
@@ -30,7 +31,7 @@ COMMAND="${COMMAND:-train}"
 NUM_PROCESSES="${NUM_PROCESSES:-}"
 HOSTFILE="${HOSTFILE:-}"
 MASTER_ADDR="${MASTER_ADDR:-}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+MASTER_PORT="${MASTER_PORT:-}"
 PYTHON="${PYTHON:-python}"
 
 die() { echo "launch/deepspeed.sh: $*" >&2; exit 2; }
@@ -57,7 +58,13 @@ esac
 # find_spec, not an import: importing deepspeed takes seconds (torch and its accelerator probe).
 "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" 2>/dev/null \
   || die "deepspeed is not installed for $PYTHON; pip install 'dist_train[deepspeed]'"
-is_count "$MASTER_PORT" 1 && (( 10#$MASTER_PORT < 65536 )) || die "MASTER_PORT must be a port number (1-65535), got '$MASTER_PORT'"
+if [[ -n "$MASTER_PORT" ]]; then
+  is_count "$MASTER_PORT" 1 && (( 10#$MASTER_PORT < 65536 )) || die "MASTER_PORT must be a port number (1-65535), got '$MASTER_PORT'"
+elif [[ -n "$HOSTFILE" ]]; then
+  MASTER_PORT=29500
+else  # one machine: a port the system has free now, as torchrun --standalone takes one
+  MASTER_PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
+fi
 ds=(--master_port="$MASTER_PORT" --no_local_rank)
 if [[ -n "$HOSTFILE" ]]; then
   [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE is not a file (lines of 'hostname slots=N')"

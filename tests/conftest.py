@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,19 @@ def pytest_terminal_summary(terminalreporter):
 def _forkserver_shutdown():
     yield
     forkserver.ForkServer.shutdown()
+
+
+@pytest.fixture
+def default_port_taken():
+    """Port 29500, the launchers' usual default, held by a listener for the test: a launch on one machine
+    must take a free port, as two jobs on one machine (or two test workers) would otherwise collide."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", 29500))
+            s.listen()
+        except OSError:
+            pass  # something else holds it already: as good
+        yield 29500
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from dist_train.progress import ProgressReporter
 from dist_train.trainer import build
 from dist_train.metrics import read_jsonl
 from tests.conftest import FAST, ROOT, checkpoint_params, torchrun_cli
-from tests.dist_utils import free_port, spawn
+from tests.dist_utils import spawn
 from tests.test_strategies import (CPU, _cfg, _reference, _run, _script, assert_raw_norms_match,
                                    assert_same_trajectory)
 from tests.test_train import assert_wandb_matches_jsonl
@@ -308,14 +308,17 @@ def _ds_workers(run: Path, stage: int, *extra: str, nproc: int = 2, **env: str):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_deepspeed_launcher_trains_like_one_process(tmp_path, single_runs, stage):
-    """Stage 3 through DeepSpeed's launcher (launch/deepspeed.sh), W&B offline; stages 0-2 the same workers
-    under torchrun's environment (the README runs the launcher with stages 0 and 3 too)."""
+def test_deepspeed_launcher_trains_like_one_process(tmp_path, single_runs, stage, request):
+    """Stage 3 through DeepSpeed's launcher (launch/deepspeed.sh), W&B offline, with port 29500 taken (one
+    machine: the script takes a free port; DeepSpeed's default would fail to bind); stages 0-2 the same
+    workers under torchrun's environment (the README runs the launcher with stages 0 and 3 too)."""
     run = tmp_path / "ds"
     wandb = "offline" if stage == 3 else "disabled"
     if stage == 3:
+        request.getfixturevalue("default_port_taken")
         p = _script("launch/deepspeed.sh", f"run.out_dir={run}", *FAST, f"logging.wandb.mode={wandb}",
-                    NUM_PROCESSES="2", DS_CONFIG=f"configs/deepspeed/zero{stage}.json", MASTER_PORT=str(free_port()))
+                    NUM_PROCESSES="2", DS_CONFIG=f"configs/deepspeed/zero{stage}.json")
+        assert "--master_port=29500" not in p.stdout + p.stderr
         launcher = "deepspeed"
     else:
         p = _ds_workers(run, stage, f"logging.wandb.mode={wandb}")

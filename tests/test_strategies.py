@@ -361,11 +361,14 @@ def assert_same_parameters(run_dir, ref_dir):
 
 
 @pytest.mark.parametrize("accum", [1, 4])
-def test_accelerate_launch_fp32_matches_single_process(tmp_path, single_runs, accum):
+def test_accelerate_launch_fp32_matches_single_process(tmp_path, single_runs, accum, default_port_taken):
+    """With port 29500 taken: on one machine the script takes a free port (Accelerate's default would warn
+    that it is in use and fall back, or two launches at once would race for it)."""
     run = tmp_path / "acc"
     p = _script("launch/accelerate.sh", f"run.out_dir={run}", f"train.grad_accum_steps={accum}", *FAST,
                 "logging.wandb.mode=" + ("offline" if accum == 1 else "disabled"), NUM_PROCESSES="2")
     assert p.returncode == 0, p.stdout + p.stderr
+    assert "already in use" not in p.stderr, p.stderr
     assert "strategy accelerate: Accelerate MULTI_CPU over 2 processes (fp32)" in p.stderr
     assert_same_trajectory(read_jsonl(run / "metrics.jsonl"), read_jsonl(single_runs / "clean/metrics.jsonl"), 1e-5)
     assert_same_parameters(run, single_runs / "clean")
