@@ -50,6 +50,24 @@ def torchrun_cli(*args: str, nproc: int, cwd: Path = ROOT, env: dict | None = No
 
 _SESSION_START = time.monotonic()
 
+#: Test files in order of their cost on a 2-core machine (seconds, `--durations`), heaviest first: the
+#: workers take files in collection order, so the long ones start first and the workers end together.
+#: Files not named keep their place after these. A hint for speed only; any order passes.
+HEAVY = ("test_readme.py", "test_slurm.py", "test_deepspeed.py", "test_robustness.py", "test_strategies.py",
+         "test_resume.py", "test_adaptive_strategies.py", "test_distributed.py", "test_bad_input.py",
+         "test_checkpoint_faults.py", "test_harness.py")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at least 2 (most of a test's time is waiting for its processes) and
+    at most 4 (the tests' launchers and Slurm jobs each start several processes)."""
+    return max(2, min(os.cpu_count() or 1, 4))
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY)))  # stable: the rest keep their order
+
 
 def pytest_terminal_summary(terminalreporter):
     """The suite's wall time, last: what CI and a contributor compare (README, Contributing)."""

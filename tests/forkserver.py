@@ -188,9 +188,11 @@ def _run_main(kind: str, req: dict) -> int:
         return 0 if outcome[0] else 1
     if kind == "agent":  # torchrun's agent, for tests where the launcher is not what is tested
         return _agent(req)
-    if kind == "module":  # python -m dist_train ...
+    if kind == "module":  # python -m dist_train ... (or a launcher's module, from the shim)
+        if req.get("executable"):  # the shim: a launcher starts its workers through it too
+            sys.executable = req["executable"]
         sys.argv[0] = "-m"
-        runpy.run_module("dist_train", run_name="__main__", alter_sys=True)
+        runpy.run_module(req.get("module", "dist_train"), run_name="__main__", alter_sys=True)
     else:  # the dist-train console script
         from dist_train.cli import entry
 
@@ -419,12 +421,14 @@ def torchrun(args: list[str], nproc: int, cwd, env: dict, timeout: Optional[floa
     return _captured(["-m", *args], cwd, env, timeout, cmd, kind="agent", nproc=nproc)
 
 
-def shim(kind: str) -> None:
-    """A `dist-train` or `python -m dist_train` command of a shell line: forked by the server, with this
-    process's stdio; signals sent to this process are passed on; exits as the command did."""
+def shim(kind: str, module: str = "dist_train", executable: str = "") -> None:
+    """A `dist-train` or `python -m MODULE` command of a shell line (MODULE dist_train or a launcher's, see
+    tests/bin/python): forked by the server, with this process's stdio and `executable` (the shim) as its
+    sys.executable; signals sent to this process are passed on; exits as the command did."""
     path = os.environ[SOCKET_ENV]
     argv = ["dist-train" if kind == "script" else "-m", *sys.argv[1:]]
-    sock, pid = start(argv, os.getcwd(), dict(os.environ), (0, 1, 2), kind, path)
+    sock, pid = start(argv, os.getcwd(), dict(os.environ), (0, 1, 2), kind, path, module=module,
+                      executable=executable)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, lambda s, _f: os.kill(pid, s))
     code = wait(sock, pid, None)

@@ -7,6 +7,13 @@ Few steps: training commands get `train.max_steps=20` appended (an override, as
 a user would add one), but for recipes whose steps matter (VERBATIM_KEYS);
 benchmarks `--quick` (each code path once at tiny sizes). Multi-node
 templates are ```text blocks, which need other machines.
+
+The commands run as written, launchers included; the processes they start
+(`dist-train`, `python -m dist_train`, and the launchers' own modules and the
+workers they start) are forked warm by the test server through the shims in
+tests/bin, so the test pays torch's import once. The launcher tests
+(test_distributed, test_strategies, test_deepspeed, test_robustness, test_slurm)
+start every launcher's workers as fresh interpreters.
 """
 
 from __future__ import annotations
@@ -81,8 +88,8 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
     bin_dir = os.path.dirname(sys.executable)  # where `dist-train` and `python` of this environment live
-    # `dist-train ...` and `python -m dist_train ...` are forked warm by the test server (the shims in
-    # tests/bin, ahead of bin_dir); every other `python` is the real interpreter.
+    # `dist-train ...`, `python -m dist_train ...` and the launchers' modules (and so their workers) are forked
+    # warm by the test server (the shims in tests/bin, ahead of bin_dir); every other `python` is the real one.
     forkserver.ForkServer.get()
     env.update(PATH=f"{SHIMS}{os.pathsep}{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(fresh_copy),
                NETRC=str(netrc), WANDB_SILENT="true", DIST_TRAIN_TEST_FORKSERVER=os.environ[forkserver.SOCKET_ENV])
