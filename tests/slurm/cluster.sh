@@ -60,7 +60,7 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=16817
 SlurmdPort=17001
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=5
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -79,6 +79,11 @@ ReturnToService=2
 EnforcePartLimits=ALL
 JobRequeue=1
 SchedulerType=sched/backfill
+# A requeued job becomes eligible cred_expire + 1 s after its requeue (AuthInfo above: 5, the least
+# accepted) and then waits for a scheduling pass: the main one every sched_interval (60 s by default),
+# as backfill skips cycles where no job or node changed. Each preemption test waited 14-25 s from the
+# requeue to the restart with cred_expire=10 and the defaults, 7 s with these.
+SchedulerParameters=bf_interval=1,sched_interval=1
 NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=60 State=UP
 EOF
