@@ -49,11 +49,11 @@ has accelerate || die "accelerate is not installed for $PYTHON; install it with:
 [[ -f "$ACCELERATE_CONFIG" ]] || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG is not a file; see configs/accelerate/"
 
 # What the Accelerate config asks for: distributed type, processes, machines, precision,
-# FSDP version, and whether this machine has a GPU.
+# FSDP version (without torch: a bad setting below is refused in a blink).
 info=$("$PYTHON" - "$ACCELERATE_CONFIG" 2>&1 <<'PY'
 import sys
 try:
-    import torch, yaml
+    import yaml
     c = yaml.safe_load(open(sys.argv[1], encoding="utf-8")) or {}
     if not isinstance(c, dict):
         raise ValueError("its top level is not a mapping")
@@ -61,13 +61,13 @@ try:
     ds_file = (c.get("deepspeed_config") or {}).get("deepspeed_config_file") or "-"
     print(c.get("distributed_type", "NO"), c.get("num_processes", 1), c.get("num_machines", 1),
           "no" if c.get("mixed_precision") is False else str(c.get("mixed_precision", "no")).lower(), fsdp.get("fsdp_version", 1),
-          str(fsdp.get("fsdp_offload_params", False)).lower(), int(torch.cuda.is_available()), ds_file)
+          str(fsdp.get("fsdp_offload_params", False)).lower(), ds_file)
 except Exception as e:
     print(" ".join(f"{type(e).__name__}: {e}".split()))
     sys.exit(1)
 PY
 ) || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG cannot be read ($info)"
-read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP FSDP_VERSION FSDP_OFFLOAD HAS_GPU DS_FILE <<< "$info"
+read -r DIST_TYPE CFG_NPROC CFG_NMACH CFG_MP FSDP_VERSION FSDP_OFFLOAD DS_FILE <<< "$info"
 if [[ "$DIST_TYPE" == DEEPSPEED ]]; then
   # Accelerate's DeepSpeed support imports transformers (a version check) on every rank.
   has deepspeed transformers || die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG runs DeepSpeed, which needs deepspeed and" \
@@ -106,6 +106,10 @@ if (( 10#$NUM_MACHINES > 1 )); then
   [[ -n "${MAIN_PROCESS_IP:-}" ]] || die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP (machine 0's address)"
   args+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP")
 fi
+
+# Whether this machine has a GPU, as the launched processes' torch will see it.
+HAS_GPU=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))") \
+  || die "PYTHON=$PYTHON cannot import torch; install dist_train for it"
 
 # The environment the launched processes will see, for the check below.
 env_check=(ACCELERATE_MIXED_PRECISION="$MIXED_PRECISION" WORLD_SIZE="$NUM_PROCESSES")

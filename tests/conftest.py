@@ -48,6 +48,14 @@ def torchrun_cli(*args: str, nproc: int, cwd: Path = ROOT, env: dict | None = No
     return forkserver.torchrun(list(args), nproc, cwd=cwd, env=_command_env(env, drop), timeout=timeout)
 
 
+def warm_launch_env(env: dict) -> dict:
+    """For a launch script whose launcher is not what a test checks: its $PYTHON is the shim, so the
+    launcher and the workers it starts are forked warm (tests/bin/python). Each launcher also runs with
+    fresh workers, in the test named where this is used."""
+    forkserver.ForkServer.get()
+    return dict(env, PYTHON=str(SHIMS / "python"), DIST_TRAIN_TEST_FORKSERVER=os.environ[forkserver.SOCKET_ENV])
+
+
 _SESSION_START = time.monotonic()
 
 #: Test files in order of their cost on a 2-core machine (seconds, `--durations`), heaviest first: the

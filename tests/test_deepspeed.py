@@ -375,8 +375,9 @@ def test_accelerate_launch_with_deepspeed(tmp_path, single_runs, json_name, bf16
     acc_cfg.write_text((ROOT / "configs/accelerate/deepspeed.yaml").read_text()
                        .replace("configs/deepspeed/zero2.json", f"configs/deepspeed/{json_name}")
                        .replace("mixed_precision: 'no'", f"mixed_precision: '{'bf16' if bf16 else 'no'}'"))
+    # ZeRO-3 in bf16 with the real launcher and fresh workers; ZeRO-2 the same script forked warm.
     p = _script("launch/accelerate.sh", f"run.out_dir={run}", *FAST, "logging.wandb.mode=disabled",
-                ACCELERATE_CONFIG=str(acc_cfg), NUM_PROCESSES="2", HF_HOME=str(tmp_path / "hf"))
+                ACCELERATE_CONFIG=str(acc_cfg), NUM_PROCESSES="2", HF_HOME=str(tmp_path / "hf"), warm=not bf16)
     assert p.returncode == 0, p.stdout + p.stderr
     stage = 3 if bf16 else 2
     assert (f"strategy accelerate: Accelerate DEEPSPEED: DeepSpeed {deepspeed.__version__} ZeRO stage {stage} over 2 "

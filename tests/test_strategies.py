@@ -23,7 +23,7 @@ from dist_train.errors import ConfigError
 from dist_train.metrics import read_jsonl
 from dist_train.strategies import Plan, resolve
 from dist_train.trainer import build, optimizer_step
-from tests.conftest import DEBUG, FAST, ROOT, checkpoint_params, torchrun_cli
+from tests.conftest import DEBUG, FAST, ROOT, checkpoint_params, torchrun_cli, warm_launch_env
 from tests.dist_utils import spawn
 from tests.test_train import assert_wandb_matches_jsonl
 
@@ -320,8 +320,10 @@ def _env(**extra):
     return env
 
 
-def _script(script: str, *args: str, timeout=300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", script, *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+def _script(script: str, *args: str, timeout=300, warm: bool = False, **env) -> subprocess.CompletedProcess:
+    """`bash SCRIPT ARGS`; warm: its launcher and workers forked by the test server (conftest.warm_launch_env)."""
+    full = warm_launch_env(_env(**env)) if warm else _env(**env)
+    return subprocess.run(["bash", script, *args], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -365,8 +367,9 @@ def test_accelerate_launch_fp32_matches_single_process(tmp_path, single_runs, ac
     """With port 29500 taken: on one machine the script takes a free port (Accelerate's default would warn
     that it is in use and fall back, or two launches at once would race for it)."""
     run = tmp_path / "acc"
+    # accum 1: the real launcher and fresh workers; accum 4 the same script with them forked warm.
     p = _script("launch/accelerate.sh", f"run.out_dir={run}", f"train.grad_accum_steps={accum}", *FAST,
-                "logging.wandb.mode=" + ("offline" if accum == 1 else "disabled"), NUM_PROCESSES="2")
+                "logging.wandb.mode=" + ("offline" if accum == 1 else "disabled"), NUM_PROCESSES="2", warm=accum > 1)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "already in use" not in p.stderr, p.stderr
     assert "strategy accelerate: Accelerate MULTI_CPU over 2 processes (fp32)" in p.stderr
@@ -412,7 +415,8 @@ def test_accelerate_launch_mixed_precision_matches_fp32(tmp_path, single_runs, p
 
 
 def test_verify_under_accelerate_launch():
-    p = _script("launch/accelerate.sh", "--steps", "3", COMMAND="verify", NUM_PROCESSES="2")
+    """Forked warm (the launcher runs with fresh workers in the tests above)."""
+    p = _script("launch/accelerate.sh", "--steps", "3", COMMAND="verify", NUM_PROCESSES="2", warm=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "strategy accelerate" in p.stdout and "verdict: PASS" in p.stdout
 
@@ -439,12 +443,13 @@ def test_verify_with_fsdp():
 def _accelerate_launch(tmp_path, *args: str, **env) -> subprocess.CompletedProcess:
     """`accelerate launch ARGS -m dist_train train` (through the wrapper that keeps the worker's exit code).
 
-    HF_HOME is empty, so no default Accelerate config of this machine's user changes the outcome.
+    HF_HOME is empty, so no default Accelerate config of this machine's user changes the outcome. The
+    launcher and its workers are forked warm (the shim; launch/accelerate.sh runs them fresh above).
     """
-    return subprocess.run([sys.executable, "-m", "dist_train.accelerate_launch", *args, "--dynamo_backend", "no",
+    full = warm_launch_env(_env(HF_HOME=str(tmp_path), **env))
+    return subprocess.run([full["PYTHON"], "-m", "dist_train.accelerate_launch", *args, "--dynamo_backend", "no",
                            "-m", "dist_train", "train", "-c", str(DEBUG), "logging.wandb.mode=disabled"],
-                          cwd=ROOT, env=_env(HF_HOME=str(tmp_path), **env), capture_output=True, text=True,
-                          timeout=300)
+                          cwd=ROOT, env=full, capture_output=True, text=True, timeout=300)
 
 
 def _one_error_line(p, fragment):
