@@ -409,6 +409,51 @@ def _captured(argv: list[str], cwd, env: dict, timeout: Optional[float], cmd: li
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
+class Process:
+    """`python -m dist_train ARGS` forked warm and left running, with the part of subprocess.Popen's interface
+    the tests use: pid (also its process group, as with start_new_session), poll, wait, send_signal, kill,
+    communicate (stdout and stderr as text, captured in files) and returncode (negative: that signal)."""
+
+    def __init__(self, args: list[str], cwd, env: dict) -> None:
+        self.args = [sys.executable, "-m", "dist_train", *args]
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        with open(os.devnull, "rb") as inp:
+            self._sock, self.pid = start(["-m", *args], cwd, env, (inp.fileno(), self._out.fileno(), self._err.fileno()))
+        self.returncode: Optional[int] = None
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            r, _, _ = select.select([self._sock], [], [], timeout)
+            if not r:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = _recv(self._sock)["returncode"]
+            self._sock.close()
+        return self.returncode
+
+    def poll(self) -> Optional[int]:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: Optional[float] = None) -> tuple[str, str]:
+        self.wait(timeout)
+        texts = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+            f.close()
+        return texts[0], texts[1]
+
+
 def run(args: list[str], cwd, env: dict, timeout: Optional[float] = None, input: str = "") -> subprocess.CompletedProcess:
     """`subprocess.run([python, -m, dist_train, *args], capture_output=True, text=True)`, forked warm."""
     return _captured(["-m", *args], cwd, env, timeout, [sys.executable, "-m", "dist_train", *args], input)

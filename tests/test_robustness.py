@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.metrics import read_jsonl
+from tests import forkserver
 from tests.conftest import ROOT, cli
 from tests.wandb_reader import exit_code as wandb_exit_code
 from tests.wandb_reader import history
@@ -29,7 +30,12 @@ def _env(**extra) -> dict:
     return env
 
 
-def start(args: list[str], cwd: Path = ROOT, env: dict | None = None, script: str | None = None) -> subprocess.Popen:
+def start(args: list[str], cwd: Path = ROOT, env: dict | None = None, script: str | None = None,
+          warm: bool = False) -> subprocess.Popen | forkserver.Process:
+    """`dist-train train -c debug.yaml ARGS` (or `bash SCRIPT ARGS`) left running, in its own session: a fresh
+    interpreter, or with warm=True forked by the test server (for what does not depend on a cold start)."""
+    if warm:
+        return forkserver.Process(["train", "-c", DEBUG, *args], cwd, env or _env())
     cmd = ["bash", str(ROOT / script)] if script else [sys.executable, "-m", "dist_train", "train", "-c", DEBUG]
     return subprocess.Popen(cmd + args, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -95,6 +101,8 @@ def assert_stopped(rc: int, err: str, run: Path, signum: int, wandb: bool = True
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_after_the_current_step_single_process(tmp_path, signum):
+    """A fresh interpreter, as a user's Ctrl-C or a scheduler's SIGTERM finds it (the other runs signalled
+    below are forked warm: their signal handling is dist_train's, installed the same way in both)."""
     run = tmp_path / "run"
     p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"])
     wait_for_rows(run, p)
@@ -143,7 +151,7 @@ def test_negative_control_main_without_the_guard_dies_at_the_first_write(tmp_pat
 
 def test_signal_stop_survives_a_wandb_service_that_is_already_gone(tmp_path):
     run = tmp_path / "run"
-    p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"])
+    p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"], warm=True)
     wait_for_rows(run, p)
     # Under Slurm the same signal reaches W&B's background service: kill it first.
     service = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
@@ -163,7 +171,7 @@ def test_signal_stop_survives_a_wandb_service_that_is_already_gone(tmp_path):
 def test_second_signal_aborts_at_once(tmp_path):
     run = tmp_path / "run"
     p = start([f"run.out_dir={run}", *LONG, "logging.every=1", "logging.wandb.mode=disabled",
-               "model.factory=tests.helpers:slow_gpt"], env=_env(SLOW_S="2"))
+               "model.factory=tests.helpers:slow_gpt"], env=_env(SLOW_S="2"), warm=True)
     wait_for_rows(run, p, rows=1)
     p.send_signal(signal.SIGINT)
     time.sleep(0.3)  # inside the next 2-second step
@@ -263,7 +271,7 @@ def train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_a_live_run_directory_is_locked_even_against_overwrite(tmp_path):
     run = tmp_path / "run"
-    live = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"])
+    live = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"], warm=True)
     try:
         wait_for_rows(run, live)
         before = sorted(p.name for p in run.iterdir())
@@ -283,7 +291,7 @@ def test_a_live_run_directory_is_locked_even_against_overwrite(tmp_path):
 
 def test_a_crashed_run_leaves_no_lock_behind(tmp_path):
     run = tmp_path / "run"
-    live = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=disabled"])
+    live = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=disabled"], warm=True)
     wait_for_rows(run, live)
     os.killpg(live.pid, signal.SIGKILL)
     live.wait()
