@@ -60,7 +60,8 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise
+        _, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s; the end of its stderr:\n{err[-3000:]}") from None
     return proc.returncode, out, err
 
 
@@ -253,7 +254,9 @@ def test_disk_full_at_the_checkpoint(tiny_disk):
 
 
 def test_disk_full_with_wandb_offline_neither_hangs_nor_loses_metrics(tiny_disk):
-    run = tiny_disk("256k") / "run"
+    # 128k: full after about 100 logged steps (W&B's files share the disk). 256k took 200 steps, 20-30 s on
+    # a loaded 2-core machine, and once ran past finish's 120 s in the suite.
+    run = tiny_disk("128k") / "run"
     p = start([f"run.out_dir={run}", *LONG, "logging.every=1", "logging.wandb.mode=offline"])
     rc, _, err = finish(p)
     assert rc == 1 and err.strip().splitlines()[-1].startswith("dist-train: error: could not write"), err
