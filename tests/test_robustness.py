@@ -233,7 +233,7 @@ def assert_disk_full_error(rc: int, err: str, path: Path) -> None:
 
 def test_disk_full_while_logging(tiny_disk):
     run = tiny_disk("48k") / "run"
-    p = start([f"run.out_dir={run}", *LONG, "logging.every=1", "logging.wandb.mode=disabled"])
+    p = start([f"run.out_dir={run}", *LONG, "logging.every=1", "logging.wandb.mode=disabled"], warm=True)
     rc, _, err = finish(p)
     assert_disk_full_error(rc, err, run / "metrics.jsonl")
     rows = read_jsonl(run / "metrics.jsonl")  # readable, no partial line
@@ -245,7 +245,7 @@ def test_disk_full_at_the_checkpoint(tiny_disk):
     # Room for config, metrics and the plot, not for the checkpoint (about 1.3 MB).
     run = tiny_disk("600k") / "run"
     p = start([f"run.out_dir={run}", "train.max_steps=12", "optim.warmup_steps=0", "logging.every=4",
-               "logging.wandb.mode=disabled"])
+               "logging.wandb.mode=disabled"], warm=True)
     rc, _, err = finish(p)
     assert_disk_full_error(rc, err, run / "checkpoints/step_00000012")
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [4, 8, 12]
@@ -257,7 +257,7 @@ def test_disk_full_with_wandb_offline_neither_hangs_nor_loses_metrics(tiny_disk)
     # 128k: full after about 100 logged steps (W&B's files share the disk). 256k took 200 steps, 20-30 s on
     # a loaded 2-core machine, and once ran past finish's 120 s in the suite.
     run = tiny_disk("128k") / "run"
-    p = start([f"run.out_dir={run}", *LONG, "logging.every=1", "logging.wandb.mode=offline"])
+    p = start([f"run.out_dir={run}", *LONG, "logging.every=1", "logging.wandb.mode=offline"], warm=True)
     rc, _, err = finish(p)
     assert rc == 1 and err.strip().splitlines()[-1].startswith("dist-train: error: could not write"), err
     assert_complete_metrics(run)
@@ -268,7 +268,7 @@ def test_disk_full_with_wandb_offline_neither_hangs_nor_loses_metrics(tiny_disk)
 
 
 def train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """A run to completion, its own process forked warm (the runs these tests signal are fresh interpreters)."""
+    """A run to completion, its own process forked warm."""
     return cli("train", "-c", DEBUG, *args, cwd=cwd, env=_env(), timeout=300)
 
 
