@@ -48,8 +48,9 @@ from typing import Optional
 WARM = ("numpy", "torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp", "torch.optim",
         "omegaconf", "tqdm", "matplotlib", "matplotlib.pyplot", "matplotlib.figure", "wandb")
 SOCKET_ENV = "DIST_TRAIN_TEST_FORKSERVER"
-#: Sent to a hung command to have it print every thread's stack to its stderr (faulthandler).
-DUMP_SIGNAL = signal.SIGUSR1
+#: Sent to a hung command to have it print every thread's stack to its stderr (faulthandler). A real-time
+#: signal, not SIGUSR1: dist_train treats SIGUSR1 as a requeue request (signals.REQUEUE_SIGNALS).
+DUMP_SIGNAL = signal.SIGRTMIN + 1
 
 
 # ---- wire format: length-prefixed pickles, fds alongside ---------------------------------------------

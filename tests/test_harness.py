@@ -66,7 +66,11 @@ def test_a_failing_rank_fails_with_its_traceback_and_the_next_body_runs():
 def test_a_hung_rank_times_out_naming_it_and_the_next_body_runs():
     with pytest.raises(AssertionError, match=r"timed out after 3s; ranks that had not finished: \[1\]") as e:
         spawn(_rank1_hangs, 2, timeout=3)
-    # Where it hung: the rank's stacks (faulthandler), and that its body had not returned.
+    # Where it hung: the rank's stacks (faulthandler), and that its body had not returned. The signal that
+    # asks for them is none dist_train acts on (SIGUSR1 would be a requeue request).
+    from dist_train.signals import REQUEUE_SIGNALS
+
+    assert forkserver.DUMP_SIGNAL not in (*REQUEUE_SIGNALS, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     assert "rank 1 (its body had not returned)" in str(e.value)
     assert re.search(r'File ".*test_harness.py", line \d+ in _rank1_hangs', str(e.value)), str(e.value)
     assert [v for _, v, _ in spawn(_allreduce_rank, 2)] == [3.0, 3.0]
