@@ -105,6 +105,8 @@ def _child(req: dict, fds: list[int], close: list[socket.socket]) -> None:
         faulthandler.register(DUMP_SIGNAL, file=2, all_threads=True)
         env = req["env"]
         os.chdir(req["cwd"])
+        if "multiprocessing.process" in sys.modules:  # where a fresh interpreter started: its spawned children
+            sys.modules["multiprocessing.process"].ORIGINAL_DIR = os.path.abspath(os.getcwd())  # find __main__
         os.environ.clear()
         os.environ.update(env)
         sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
@@ -189,6 +191,11 @@ def _run_main(kind: str, req: dict) -> int:
         return 0 if outcome[0] else 1
     if kind == "agent":  # torchrun's agent, for tests where the launcher is not what is tested
         return _agent(req)
+    if kind == "path":  # python SCRIPT ... (a benchmark of the README's, from the shim): its folder first
+        sys.executable = req["executable"]
+        sys.path[0] = os.path.dirname(os.path.abspath(req["module"]))
+        runpy.run_path(req["module"], run_name="__main__")
+        return 0
     if kind == "module":  # python -m dist_train ... (or a launcher's module, from the shim)
         if req.get("executable"):  # the shim: a launcher starts its workers through it too
             sys.executable = req["executable"]
@@ -468,11 +475,13 @@ def torchrun(args: list[str], nproc: int, cwd, env: dict, timeout: Optional[floa
 
 
 def shim(kind: str, module: str = "dist_train", executable: str = "") -> None:
-    """A `dist-train` or `python -m MODULE` command of a shell line (MODULE dist_train or a launcher's, see
-    tests/bin/python): forked by the server, with this process's stdio and `executable` (the shim) as its
-    sys.executable; signals sent to this process are passed on; exits as the command did."""
+    """A `dist-train`, `python -m MODULE` or `python SCRIPT` command of a shell line (MODULE dist_train or a
+    launcher's, SCRIPT a benchmark: see tests/bin/python; kind "path" gives the script as `module`): forked by
+    the server, with this process's stdio and `executable` (the shim) as its sys.executable; signals sent to
+    this process are passed on; exits as the command did."""
     path = os.environ[SOCKET_ENV]
-    argv = ["dist-train" if kind == "script" else "-m", *sys.argv[1:]]
+    args = sys.argv[2:] if kind == "path" else sys.argv[1:]  # a script's path is its argv[1] here
+    argv = [{"script": "dist-train", "path": module}.get(kind, "-m"), *args]
     sock, pid = start(argv, os.getcwd(), dict(os.environ), (0, 1, 2), kind, path, module=module,
                       executable=executable)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):

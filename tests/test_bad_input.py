@@ -531,7 +531,7 @@ def _run(case: Case, base: Path) -> Result:
     except subprocess.TimeoutExpired as e:  # a hang (a FIFO opened for reading) is a failure, not a stuck suite
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        proc = subprocess.CompletedProcess(cmd, None, out, err + f"\n<timed out after {TIMEOUT} s>")
+        proc = subprocess.CompletedProcess(e.cmd, None, out, err + f"\n<timed out after {TIMEOUT} s>")
     return Result(d, before, listing(d), proc, time.monotonic() - t0)
 
 

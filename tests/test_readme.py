@@ -11,9 +11,12 @@ templates are ```text blocks, which need other machines.
 The commands run as written, launchers included; the processes they start
 (`dist-train`, `python -m dist_train`, and the launchers' own modules and the
 workers they start) are forked warm by the test server through the shims in
-tests/bin, so the test pays torch's import once. The launcher tests
-(test_distributed, test_strategies, test_deepspeed, test_robustness, test_slurm)
-start every launcher's workers as fresh interpreters.
+tests/bin, so the test pays torch's import once; so are the benchmark scripts
+(`python benchmarks/NAME.py`), whose --quick runs are smoke runs, not
+measurements. The launcher tests (test_distributed, test_strategies,
+test_deepspeed, test_robustness, test_slurm) start every launcher's workers as
+fresh interpreters. The stability study's --quick grid is checked here
+(tests/test_stability.check_quick_grid): the suite runs it once.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import pytest
 
 from tests import forkserver
 from tests.conftest import ROOT, SHIMS
+from tests.test_stability import check_quick_grid
 
 FEW_STEPS = "train.max_steps=20"
 #: A command naming one of these is a recipe whose steps matter (which checkpoints exist, which batches are
@@ -88,12 +92,13 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC"))}
     bin_dir = os.path.dirname(sys.executable)  # where `dist-train` and `python` of this environment live
-    # `dist-train ...`, `python -m dist_train ...` and the launchers' modules (and so their workers) are forked
-    # warm by the test server (the shims in tests/bin, ahead of bin_dir); every other `python` is the real one.
+    # `dist-train ...`, `python -m dist_train ...`, the launchers' modules (and so their workers) and the
+    # benchmark scripts are forked warm by the test server (the shims in tests/bin, ahead of bin_dir); every
+    # other `python` is the real one.
     forkserver.ForkServer.get()
     env.update(PATH=f"{SHIMS}{os.pathsep}{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(fresh_copy),
                NETRC=str(netrc), WANDB_SILENT="true", DIST_TRAIN_TEST_FORKSERVER=os.environ[forkserver.SOCKET_ENV])
-    ran = []
+    ran, outputs = [], {}
     for command in readme_commands():
         line = runnable(command)
         if line is None:
@@ -103,6 +108,7 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
         assert p.returncode == 0, f"README command failed ({p.returncode}): {line}\n{p.stdout}\n{p.stderr}"
         assert "Traceback" not in p.stderr, line
         ran.append(line)
+        outputs[line] = p.stdout
     runs = fresh_copy / "runs"
     for name in ("debug", "ddp", "debug-script", "bf16", "text", "convlm", "spiky-skip"):
         assert (runs / name / "metrics.jsonl").is_file(), name
@@ -114,4 +120,7 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
     forked = [json.loads(line)["step"] for line in (runs / "spiky-skip" / "metrics.jsonl").read_text().splitlines()]
     assert forked[0] > 20 and forked[-1] == 300, forked
     assert (runs / "text" / "vocab.json").is_file()
+    # The stability study's --quick grid: every cell, and its table's figures re-computed from its cells.
+    (study,) = [line for line in ran if "benchmarks/stability.py" in line]
+    check_quick_grid(fresh_copy / shlex.split(study)[shlex.split(study).index("--out") + 1], outputs[study])
     assert len(ran) >= 8

@@ -103,9 +103,11 @@ def assert_stopped(rc: int, err: str, run: Path, signum: int, wandb: bool = True
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_after_the_current_step_single_process(tmp_path, signum):
     """A fresh interpreter, as a user's Ctrl-C or a scheduler's SIGTERM finds it (the other runs signalled
-    below are forked warm: their signal handling is dist_train's, installed the same way in both)."""
+    below are forked warm: their signal handling is dist_train's, installed the same way in both), with
+    torch's default thread count, as a user's run has it (the suite's processes run one thread: conftest)."""
     run = tmp_path / "run"
-    p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"])
+    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    p = start([f"run.out_dir={run}", *LONG, "logging.wandb.mode=offline"], env=env)
     wait_for_rows(run, p)
     p.send_signal(signum)
     rc, _, err = finish(p)

@@ -206,13 +206,18 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(slurm, torchrun_j
 @pytest.mark.parametrize("script", ["accelerate", "deepspeed"])
 def test_accelerate_and_deepspeed_sbatch_train_over_two_nodes(slurm, torchrun_job, tmp_path, script):
     """slurm/accelerate.sbatch (CPU recipe: launch/accelerate.sh sets ACCELERATE_USE_CPU) and
-    slurm/deepspeed.sbatch (ZeRO-2 over gloo): the same trajectory as the torchrun job."""
+    slurm/deepspeed.sbatch (ZeRO-2 over gloo): the same trajectory as the torchrun job. What these prove is
+    the scripts' wiring (one task a node, machine ranks, the rendezvous, the launch scripts under srun), so
+    the launchers' modules and their workers are forked warm (conftest.warm_launch_env); Accelerate's and
+    DeepSpeed's launchers run with fresh workers in test_strategies and test_deepspeed, and the torchrun
+    jobs here run fresh end to end."""
     from dist_train.metrics import read_jsonl
+    from tests.conftest import warm_launch_env
     from tests.test_strategies import assert_same_trajectory
 
     run, out = tmp_path / "run", tmp_path / "job.out"
     job = submit(slurm, ROOT / f"slurm/{script}.sbatch", out, CPU, [f"run.out_dir={run}", *JOB_ARGS,
-                 "logging.wandb.mode=disabled"], env=job_env(tmp_path))
+                 "logging.wandb.mode=disabled"], env=warm_launch_env(job_env(tmp_path)))
     info = wait_job(slurm, job, timeout=240)
     log = out.read_text()
     assert info["JobState"] == "COMPLETED", log

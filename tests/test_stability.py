@@ -1,12 +1,10 @@
-"""benchmarks/stability.py --quick: it runs, writes every cell, and the table's LR sensitivity is the formula's."""
+"""benchmarks/stability.py --quick: it runs, writes every cell, and the table's LR sensitivity is the formula's
+(check_quick_grid, on the README's own --quick command in tests/test_readme.py), and its spike count."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,13 +45,12 @@ def sensitivity(cells: list[dict]) -> float:
     return sum(min(v, l0) for v in curve) / len(curve) - min(curve)
 
 
-def test_quick_grid(tmp_path):
-    out = tmp_path / "stability.md"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "benchmarks/stability.py", "--quick", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "FAIL" not in proc.stdout
+def check_quick_grid(out: Path, stdout: str) -> None:
+    """What `benchmarks/stability.py --quick --out OUT` must have written: every cell of the grid, finite
+    initial losses, no non-finite weights, and a table whose LR sensitivity is the formula's over its own
+    cells (sensitivity above). The README test runs the README's own `--quick` command and checks it here;
+    the grid is run once in the suite."""
+    assert "FAIL" not in stdout
     text = out.read_text()
     rows = table_rows(text)
     data = json.loads(out.with_suffix(".json").read_text())

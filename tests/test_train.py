@@ -197,7 +197,6 @@ def test_global_batch_is_the_same_for_any_world_size(world, accum):
 def test_launch_debug_script(tmp_path):
     import os
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     # PYTHON: tests/bin/python forks `-m dist_train` warm (the script's exec is what is tested).
