@@ -107,9 +107,11 @@ if (( 10#$NUM_MACHINES > 1 )); then
   args+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP")
 fi
 
-# Whether this machine has a GPU, as the launched processes' torch will see it.
-HAS_GPU=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))") \
-  || die "PYTHON=$PYTHON cannot import torch; install dist_train for it"
+# Whether this machine has a GPU, as the launched processes' torch will see it (a torch built without
+# CUDA answers without being imported).
+GPUS=$("$PYTHON" -m dist_train.launchers gpus 2>/dev/null) \
+  || die "PYTHON=$PYTHON cannot import torch or dist_train (try: $PYTHON -c 'import torch'); install dist_train for it"
+HAS_GPU=$(( GPUS > 0 ))
 
 # The environment the launched processes will see, for the check below.
 env_check=(ACCELERATE_MIXED_PRECISION="$MIXED_PRECISION" WORLD_SIZE="$NUM_PROCESSES")

@@ -75,7 +75,9 @@ if [[ -n "$HOSTFILE" ]]; then
   [[ -z "$MASTER_ADDR" ]] || ds+=(--master_addr="$MASTER_ADDR")
 else
   if [[ -z "$NUM_PROCESSES" ]]; then
-    NUM_PROCESSES=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+    GPUS=$("$PYTHON" -m dist_train.launchers gpus 2>/dev/null) \
+      || die "PYTHON=$PYTHON cannot import torch or dist_train (try: $PYTHON -c 'import torch'); install dist_train for it"
+    NUM_PROCESSES=$(( GPUS > 1 ? GPUS : 1 ))
   fi
   is_count "$NUM_PROCESSES" 1 || die "NUM_PROCESSES must be a whole number >= 1, got '$NUM_PROCESSES'"
   # No hostfile: the launcher starts the processes on this machine only, without pdsh.

@@ -101,3 +101,64 @@ def test_flags_and_bare_keys_are_steered_to_the_override(argv, hint, capsys):
 def test_an_unknown_flag_that_is_no_key_keeps_argparses_message(capsys):
     assert main(["train", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def _fake_torch(root, cuda) -> dict:
+    """A `torch` package that refuses to be imported, with a version file of a build with or without CUDA; the
+    environment that puts it first (then this checkout, for dist_train)."""
+    import os
+
+    from tests.conftest import ROOT
+
+    (root / "torch").mkdir(parents=True)
+    (root / "torch/__init__.py").write_text("raise ImportError('the GPU probe imported torch')\n")
+    (root / "torch/version.py").write_text(f"from typing import Optional\n__version__ = '2.13.0'\n"
+                                           f"cuda: Optional[str] = {cuda!r}\nhip: Optional[str] = None\n")
+    return dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{ROOT}")
+
+
+def test_the_launch_scripts_gpu_probe_reads_a_cpu_build_of_torch_without_importing_it(tmp_path):
+    """`python -m dist_train.launchers gpus` (launch/accelerate.sh, launch/deepspeed.sh): a torch built without
+    CUDA has no GPU, which its version file says in milliseconds; importing torch to ask takes seconds.
+    Negative control: a CUDA build is asked through torch itself (here the fake torch refuses the import)."""
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-m", "dist_train.launchers", "gpus"]
+    p = subprocess.run(probe, env=_fake_torch(tmp_path / "cpu", None), capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "0\n"), p.stderr
+    p = subprocess.run(probe, env=_fake_torch(tmp_path / "cuda", "12.8"), capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "the GPU probe imported torch" in p.stderr, p.stderr
+
+
+def test_the_gpu_probe_is_torchs_device_count():
+    import torch
+
+    from dist_train.launchers import gpu_count
+
+    assert gpu_count() == torch.cuda.device_count()
+
+
+@pytest.mark.parametrize("script", ["accelerate", "deepspeed"])
+def test_a_launch_script_whose_python_cannot_import_torch_says_so_in_one_line(tmp_path, script):
+    """The GPU probe's failure is the script's one line and exit 2, nothing started (here a torch with no
+    version file, so the probe imports it, and the import fails)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = _fake_torch(tmp_path, None)
+    (tmp_path / "torch/version.py").unlink()
+    for key in ("PYTHON", "NUM_PROCESSES", "HOSTFILE"):
+        env.pop(key, None)
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"  # `python`: this environment's
+    if script == "accelerate":
+        env["NUM_PROCESSES"] = "1"  # deepspeed.sh asks the probe how many processes when NUM_PROCESSES is unset
+    p = subprocess.run(["bash", f"launch/{script}.sh", f"run.out_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    assert p.stderr.splitlines() == [f"launch/{script}.sh: PYTHON=python cannot import torch or dist_train (try: python "
+                                     "-c 'import torch'); install dist_train for it"], p.stderr
+    assert not (tmp_path / "run").exists()
