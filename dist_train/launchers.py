@@ -59,13 +59,11 @@ def gpu_count() -> int:
     """torch.cuda.device_count() as the launched processes will see it, without importing torch where its
     build has no GPU support: a torch built without CUDA or ROCm says so in its version file, read here in
     milliseconds, where importing torch to ask takes 1-3.5 s. A launch script runs this before it starts
-    anything (ModuleNotFoundError: no torch for this interpreter)."""
+    anything (ModuleNotFoundError: no torch for this interpreter, from the import at the end)."""
     import importlib.util
 
     spec = importlib.util.find_spec("torch")
-    if spec is None:
-        raise ModuleNotFoundError("No module named 'torch'")
-    for folder in spec.submodule_search_locations or ():
+    for folder in (spec and spec.submodule_search_locations) or ():
         path = os.path.join(folder, "version.py")
         if os.path.isfile(path):
             version: dict = {}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -10,7 +13,7 @@ import yaml
 from dist_train.cli import TRAIN_EPILOG, main
 from dist_train.config import all_keys, describe_config, field_docs, load_config
 from dist_train.metrics import read_jsonl
-from tests.conftest import DEBUG
+from tests.conftest import DEBUG, ROOT
 
 
 def test_a_smoke_run_shorter_than_the_configs_warmup_trains_with_a_note_and_the_lr_ramps(tmp_path, capsys,
@@ -106,10 +109,6 @@ def test_an_unknown_flag_that_is_no_key_keeps_argparses_message(capsys):
 def _fake_torch(root, cuda) -> dict:
     """A `torch` package that refuses to be imported, with a version file of a build with or without CUDA; the
     environment that puts it first (then this checkout, for dist_train)."""
-    import os
-
-    from tests.conftest import ROOT
-
     (root / "torch").mkdir(parents=True)
     (root / "torch/__init__.py").write_text("raise ImportError('the GPU probe imported torch')\n")
     (root / "torch/version.py").write_text(f"from typing import Optional\n__version__ = '2.13.0'\n"
@@ -121,9 +120,6 @@ def test_the_launch_scripts_gpu_probe_reads_a_cpu_build_of_torch_without_importi
     """`python -m dist_train.launchers gpus` (launch/accelerate.sh, launch/deepspeed.sh): a torch built without
     CUDA has no GPU, which its version file says in milliseconds; importing torch to ask takes seconds.
     Negative control: a CUDA build is asked through torch itself (here the fake torch refuses the import)."""
-    import subprocess
-    import sys
-
     probe = [sys.executable, "-m", "dist_train.launchers", "gpus"]
     p = subprocess.run(probe, env=_fake_torch(tmp_path / "cpu", None), capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout) == (0, "0\n"), p.stderr
@@ -143,12 +139,6 @@ def test_the_gpu_probe_is_torchs_device_count():
 def test_a_launch_script_whose_python_cannot_import_torch_says_so_in_one_line(tmp_path, script):
     """The GPU probe's failure is the script's one line and exit 2, nothing started (here a torch with no
     version file, so the probe imports it, and the import fails)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     env = _fake_torch(tmp_path, None)
     (tmp_path / "torch/version.py").unlink()
     for key in ("PYTHON", "NUM_PROCESSES", "HOSTFILE"):
