@@ -2,7 +2,10 @@
 
 Both arms train copies of the same TinyGPT on the same batches with torch's fused
 AdamW (what the trainer builds); the bare loop is forward, backward,
-torch.nn.utils.clip_grad_norm_(foreach=True), step, zero_grad. The package's step
+torch.nn.utils.clip_grad_norm_(foreach=True), step, zero_grad. `--model cnn` runs the
+article's CNN classifier (examples/seed_cnn.py) on batches of 16 images with SGD at lr
+0.01 instead (torch's fused SGD in both arms; the package's step through its classify
+task, which also measures the accuracy). The package's step
 folds the clip coefficient into the fused optimizer and reads nothing back to the
 host; the bare loop reads nothing back either.
 Time: the arms alternate in blocks of steps within one process (the order
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,6 +42,15 @@ MAX_NORM = 1.0
 
 def setup(args):
     torch.manual_seed(0)
+    if args.model == "cnn":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: examples/
+        from examples.seed_cnn import Net, make_images
+
+        model = Net().to(args.device)
+        images, labels = make_images(16 * 64, seed=0)
+        batches = [(images[i * 16:(i + 1) * 16].to(args.device), labels[i * 16:(i + 1) * 16].to(args.device))
+                   for i in range(64)]
+        return model, batches
     cfg = ModelConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, block_size=args.block)
     model = TinyGPT(cfg, 64).to(args.device)
     data = synthetic_dataset(args.batch * 64, 64, args.block, seed=0)
@@ -46,20 +59,35 @@ def setup(args):
     return model, batches
 
 
-def make_arm(name, model, batches):
+def make_arm(name, model, batches, kind="gpt"):
     model = copy.deepcopy(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if kind == "cnn":
+        from dist_train.config import OptimConfig, OptimName
+        from dist_train.optim import build_optimizer
+        from dist_train.tasks import Classify
+
+        if name == "package":
+            opt = build_optimizer(OptimConfig(name=OptimName.sgd, lr=0.01), model.parameters(), fused=True)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, fused=True)
+        package_loss = Classify(10).loss
+
+        def bare_loss(m, batch):
+            return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        package_loss = bare_loss = lm_loss
     policy = FixedClip(MAX_NORM)
     i = 0
 
     def package_step():
         nonlocal i
-        train_step(model, opt, [batches[i % len(batches)]], policy)
+        train_step(model, opt, [batches[i % len(batches)]], policy, loss_fn=package_loss)
         i += 1
 
     def bare_step():
         nonlocal i
-        loss = lm_loss(model, batches[i % len(batches)])
+        loss = bare_loss(model, batches[i % len(batches)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True)
         opt.step()
@@ -76,7 +104,7 @@ def sync(device):
 
 def time_arms(args):
     model, batches = setup(args)
-    arms = {name: make_arm(name, model, batches) for name in ("package", "bare")}
+    arms = {name: make_arm(name, model, batches, args.model) for name in ("package", "bare")}
     times = {name: [] for name in arms}
     for name, fn in arms.items():  # warm-up: allocator, Adam state, kernels
         for _ in range(3):
@@ -104,7 +132,7 @@ def _proc_status(field):
 def peak_memory(args, name):
     """Run one arm alone in this process; print the peak memory growth as JSON."""
     model, batches = setup(args)
-    fn = make_arm(name, model, batches)
+    fn = make_arm(name, model, batches, args.model)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -139,6 +167,8 @@ def main():
     p.add_argument("--d-model", type=int, default=128, help="TinyGPT width (default: %(default)s)")
     p.add_argument("--block", type=int, default=64, help="tokens per sample (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="samples per batch (default: %(default)s)")
+    p.add_argument("--model", choices=["gpt", "cnn"], default="gpt",
+                   help="gpt: TinyGPT with AdamW; cnn: the article's CNN with SGD (default: %(default)s)")
     p.add_argument("--memory-arm", choices=["package", "bare"], help=argparse.SUPPRESS)
     smoke = add_quick(p, steps=2, rounds=1, layers=1, d_model=32)
     args = apply_quick(p, p.parse_args(), smoke)
@@ -148,7 +178,7 @@ def main():
 
     med = time_arms(args)
     mem = {name: memory_in_subprocess(args, name) for name in ("package", "bare")}
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"model {args.model}, device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.steps} steps per arm")
     print(f"median step time: package {med['package'] * 1e3:.2f} ms, bare {med['bare'] * 1e3:.2f} ms, "
           f"ratio {med['package'] / med['bare']:.4f}")

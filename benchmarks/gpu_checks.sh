@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go (nothing in CI depends on them):
 #   - the host-sync-free step under torch.cuda.set_sync_debug_mode("error"), and the fused-step tests, on CUDA;
-#   - the whole-step and norm+clip benchmarks on the GPU;
+#   - the whole-step and norm+clip benchmarks on the GPU (the step also with the article's CNN and SGD);
+#   - the article's CNN (task classify, SGD) through the CLI: one process in fp32 and bf16, FSDP2 and
+#     DeepSpeed ZeRO-2 in bf16; the fused-step tests include it and SGD under set_sync_debug_mode("error");
 #   - short training runs (12 steps, every step logged) through the real CLI and launch scripts: one process
 #     in fp32, bf16 and fp16; torchrun; FSDP2 in bf16 and fp16; DeepSpeed ZeRO 0-3 in fp32, bf16 and fp16
 #     (DeepSpeed's launcher and torchrun); accelerate launch in fp16 and bf16, with its FSDP2 and with
@@ -384,6 +386,7 @@ main() {
   check bench-step 150 - "$PY" benchmarks/bench_step.py --device cuda --steps 50 --rounds 10
   check bench-clip 150 - "$PY" benchmarks/bench_clip.py --device cuda --steps 10 --rounds 10
   check bench-startup 150 - "$PY" benchmarks/bench_startup.py --device cuda --rounds 3
+  check bench-step-cnn 150 - "$PY" benchmarks/bench_step.py --device cuda --model cnn --steps 50 --rounds 10
 
   local R="$WORK/runs" FP32="$WORK/runs/single-fp32"
   local -a C=("train.max_steps=$STEPS" "logging.every=1" "optim.warmup_steps=2" "logging.wandb.mode=disabled"
@@ -457,6 +460,24 @@ main() {
     pool "single-$p" 150 "$R/single-$p $M --precision $p --ref $FP32" \
       env DEVICE="$DEVICE" launch/debug.sh "train.precision=$p" "run.out_dir=$R/single-$p" "${C[@]}"
   done
+
+  # -- the article's CNN (task classify, image batches, SGD): one process in fp32 (its reference) and bf16,
+  #    FSDP2 in bf16 (one unit: no ModuleList), DeepSpeed ZeRO-2 in bf16 (its inputs cast to the engine's dtype) --
+  local CNN="$WORK/runs/cnn-fp32"
+  local -a K=("${C[@]}" "train.epochs=null" "data.file=$WORK/seed_cnn/train_data.pth"
+              "data.val_file=$WORK/seed_cnn/val_data.pth")
+  "$PY" examples/seed_cnn.py "$WORK/seed_cnn" --train 512 --val 100 > "$WORK/logs/seed-cnn-data.log" 2>&1
+  pool cnn-fp32 150 "$CNN $M --precision fp32" \
+    env DEVICE="$DEVICE" CONFIG=configs/seed_cnn.yaml launch/debug.sh train.precision=no "run.out_dir=$CNN" "${K[@]}"
+  pool cnn-bf16 150 "$R/cnn-bf16 $M --precision bf16" \
+    env DEVICE="$DEVICE" CONFIG=configs/seed_cnn.yaml launch/debug.sh train.precision=bf16 "run.out_dir=$R/cnn-bf16" \
+    "${K[@]}"
+  pool cnn-fsdp-bf16 200 "$R/cnn-fsdp-bf16 $M --precision bf16" \
+    env CONFIG=configs/seed_cnn.yaml NPROC_PER_NODE=1 launch/torchrun.sh dist.strategy=fsdp train.precision=bf16 \
+    "run.out_dir=$R/cnn-fsdp-bf16" "${K[@]}"
+  pool cnn-zero2-bf16 200 "$R/cnn-zero2-bf16 $M --precision bf16" \
+    env CONFIG=configs/seed_cnn.yaml NUM_PROCESSES=1 MASTER_PORT=$((port++)) DS_CONFIG=configs/deepspeed/zero2.json \
+    launch/deepspeed.sh train.precision=bf16 "run.out_dir=$R/cnn-zero2-bf16" "${K[@]}"
 
   # -- 2 or more GPUs: DDP and dist-train verify (they need 2 ranks; each rank binds cuda:LOCAL_RANK) --
   if (( ngpu >= 2 )); then

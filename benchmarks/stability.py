@@ -150,7 +150,7 @@ def run_cell(cell: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from dist_train.config import load_config
+    from dist_train.preflight import load_config
     from dist_train.trainer import build, optimizer_step
 
     t0 = time.perf_counter()

@@ -28,13 +28,16 @@ QUIET_RANK_EXIT_DELAY_S = 2.0  # faults `verify --inject` can plant (dist_train.
 TRAIN_EPILOG = """\
 config keys (override any as section.key=value; `--print-config` lists them all with their meaning):
   run.      out_dir name overwrite
-  train.    max_steps global_batch_size grad_accum_steps seed device precision checkpoint
+  train.    max_steps epochs global_batch_size grad_accum_steps seed device precision checkpoint
             checkpoint_every keep_checkpoints resume
-  optim.    lr weight_decay beta1 beta2 warmup_steps schedule
+  optim.    name lr weight_decay beta1 beta2 momentum nesterov warmup_steps schedule
   clip.     policy max_norm warmup_steps zscore_* percentile window agc_* skip_* eps max_consecutive_nonfinite
   logging.  every per_layer_every spike_top_k progress wandb.mode wandb.project wandb.entity
+  task.     name loss
   model.    factory n_layer n_head d_model block_size dropout
-  data.     text_file token_file token_dtype num_samples skip_steps skip_steps_file vocab_size
+  data.     text_file token_file file val_file factory val_fraction shuffle num_workers token_dtype
+            num_samples skip_steps skip_steps_file vocab_size
+  eval.     every max_batches
   dist.     strategy deepspeed_config backend timeout_s check_sync_every
 
 examples:
@@ -144,7 +147,7 @@ def _stop_signal(is_main: bool):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dist_train.config import load_config
+    from dist_train.preflight import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -201,7 +204,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dist_train.config import load_config
+    from dist_train.preflight import load_config
     from dist_train.distributed import DistState
 
     if args.steps < 1:

@@ -11,18 +11,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import importlib
 import math
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dist_train.errors import ConfigError, describe, first_line
+from dist_train.errors import ConfigError, first_line
 
 
 class Device(str, enum.Enum):
@@ -50,7 +48,7 @@ class WandbMode(str, enum.Enum):
     disabled = "disabled"
 
 
-class Progress(str, enum.Enum):
+class ProgressMode(str, enum.Enum):
     auto = "auto"  # a bar on an interactive terminal, plain lines otherwise
     bar = "bar"
     plain = "plain"
@@ -75,6 +73,19 @@ class TokenDtype(str, enum.Enum):
     uint32 = "uint32"
 
 
+class TaskName(str, enum.Enum):
+    auto = "auto"
+    lm = "lm"
+    classify = "classify"
+    model = "model"
+
+
+class OptimName(str, enum.Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+
+
 class Schedule(str, enum.Enum):
     constant = "constant"
     cosine = "cosine"
@@ -91,10 +102,18 @@ class RunConfig:
     there, and refuses a directory holding files it does not know or a run still in progress."""
 
 
+#: train.max_steps when neither it nor train.epochs is set.
+DEFAULT_MAX_STEPS = 300
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
-    """Number of optimizer steps."""
+    max_steps: Optional[int] = None
+    """Number of optimizer steps (unset, and no train.epochs: 300)."""
+    epochs: Optional[int] = None
+    """Train for this many passes over the training set instead: train.max_steps = epochs x the steps of an
+    epoch (the samples // train.global_batch_size; the last partial batch of an epoch is left out). Set one of
+    train.max_steps and train.epochs."""
     global_batch_size: int = 32
     """Samples in one optimizer step, summed over ranks and micro-batches."""
     grad_accum_steps: int = 1
@@ -118,13 +137,26 @@ class TrainConfig:
     | PATH (a checkpoint folder, or a run directory: its newest intact checkpoint)."""
 
 
+#: optim.beta1 and optim.beta2 of adam and adamw when not set.
+DEFAULT_BETAS = (0.9, 0.95)
+
+
 @dataclass
 class OptimConfig:
+    name: OptimName = OptimName.adamw
+    """The optimizer, torch's: adamw | adam | sgd."""
     lr: float = 1e-3
-    """Peak learning rate of AdamW."""
+    """Peak learning rate."""
     weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
+    """Weight decay: decoupled under adamw, added to the gradient (L2) under adam and sgd."""
+    beta1: Optional[float] = None
+    """adam, adamw: the first moment's decay (unset: 0.9)."""
+    beta2: Optional[float] = None
+    """adam, adamw: the second moment's decay (unset: 0.95)."""
+    momentum: Optional[float] = None
+    """sgd: momentum (unset: 0, plain SGD)."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum (needs optim.momentum > 0)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to lr over this many optimizer steps: step s (1-based) takes lr * s / warmup_steps.
     A warm-up longer than train.max_steps is allowed (a startup note says so): the rate ramps and never reaches
@@ -190,14 +222,37 @@ class LoggingConfig:
     those steps are logged steps."""
     spike_top_k: int = 5
     """spikes.jsonl: how many modules, largest gradient norm first, a spike's line names."""
-    progress: Progress = Progress.auto
+    progress: ProgressMode = ProgressMode.auto
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: TaskName = TaskName.auto
+    """What the model computes and what it is trained on: lm (logits over a vocabulary, next-token
+    cross-entropy) | classify ((B, C) logits, integer labels, cross-entropy; accuracy) | model (the model returns
+    its own loss: `.loss`, ["loss"] or its first element) | auto (token data: lm; otherwise inferred from the
+    samples and the model's output, and named in the startup summary)."""
+    loss: Optional[str] = None
+    """'package.module:function': your own loss, `fn(model, batch) -> loss` or `(loss, {name: tensor})` for
+    metrics of its own; replaces the task's loss."""
+
+
+@dataclass
+class EvalConfig:
+    every: Optional[int] = None
+    """Evaluate on the validation set every N optimizer steps (unset: at the end of each epoch under
+    train.epochs, else at the last step; 0: never)."""
+    max_batches: Optional[int] = None
+    """Evaluate on the first N x train.global_batch_size validation samples only (unset: all of them)."""
 
 
 @dataclass
 class ModelConfig:
     factory: Optional[str] = None
-    """'package.module:function' building your own model; None: the embedded GPT."""
+    """'package.module:name': a function or class building your own model, called with the keyword arguments
+    it declares out of cfg (this section), vocab_size (token data) and num_classes (classify); None: the
+    embedded GPT."""
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 64
@@ -230,6 +285,25 @@ class DataConfig:
     the checkpoint's step."""
     skip_steps_file: Optional[str] = None
     """A file of more such batches: a spikes.jsonl (its `batch` fields) or whitespace-separated numbers."""
+    file: Optional[str] = None
+    """Training on what torch.save wrote: a tuple or list of tensors (e.g. (images, labels)) or a dict of
+    tensors, of equal first dimensions; sample i is every tensor's row i. Loaded with weights_only=True and
+    mmap=True (a file larger than memory trains); a pickled Dataset object is refused."""
+    val_file: Optional[str] = None
+    """The validation set, in data.file's format (with data.file or data.factory)."""
+    factory: Optional[str] = None
+    """'package.module:function' returning a map-style torch Dataset, or a dict with "train" (and "val"),
+    called with the keyword arguments it declares out of cfg (this section) and seed; samples (tensors, tuples
+    or dicts of tensors) are batched by torch's default_collate."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the training samples as the validation set (chosen by train.seed, the same
+    samples on every run of that seed); 0: none, unless data.val_file or the factory's "val" gives one."""
+    shuffle: bool = True
+    """false: read the samples in their order in the data set (epoch after epoch), as a DataLoader with
+    shuffle=False does; true: another permutation each epoch."""
+    num_workers: int = 0
+    """Worker processes loading this rank's batches ahead of the step (torch's DataLoader, pinned memory on
+    CUDA); 0: in the training process."""
     vocab_size: Optional[int] = None
     """Vocabulary size: of the synthetic task (unset: 32), or of a data.token_file without a sidecar (required there;
     every id must be below it). A text file's vocabulary is its characters, a sidecar's its own."""
@@ -259,8 +333,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -332,23 +408,6 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config: {msg}"
 
 
-def _regular_file(path: str | os.PathLike, what: str) -> Path:
-    """`path` as a Path if it is a readable regular file; a one-line ConfigError otherwise.
-
-    Checked before opening: opening a FIFO would block, a directory would fail late.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{what} '{path}' not found")
-    if p.is_dir():
-        raise ConfigError(f"{what} '{path}' is a directory, not a file")
-    if not p.is_file():
-        raise ConfigError(f"{what} '{path}' is not a regular file (a FIFO or device?)")
-    if not os.access(p, os.R_OK):
-        raise ConfigError(f"{what} '{path}' is not readable; check its permissions")
-    return p
-
-
 #: Spellings accepted for enum values, applied before validation. YAML reads a
 #: bare `no` as the boolean false, so `train.precision=no` would otherwise fail.
 ALIASES: dict[str, dict[Any, str]] = {
@@ -365,7 +424,9 @@ def _apply_aliases(layer: Any) -> None:
 
 
 def _load_yaml(path: str | os.PathLike) -> Any:
-    p = _regular_file(path, "config file")
+    from dist_train.files import regular_file
+
+    p = regular_file(path, "config file")
     try:
         layer = OmegaConf.load(p)
     except OmegaConfBaseException:
@@ -384,8 +445,9 @@ def _load_yaml(path: str | os.PathLike) -> Any:
     return layer
 
 
-def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()) -> Config:
-    """Load, merge and validate; raise ConfigError (one line) on any problem."""
+def parse_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()) -> Config:
+    """Load, merge and check the values; raise ConfigError (one line) on any problem. Nothing on the machine
+    is looked at beyond the YAML file: `dist_train.preflight.load_config` adds that."""
     base = OmegaConf.structured(Config)
     try:
         layers: list[Any] = [base]
@@ -404,8 +466,10 @@ def load_config(path: Optional[str | os.PathLike], overrides: Sequence[str] = ()
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     d = cfg.data
-    if d.text_file is None and d.token_file is None and d.vocab_size is None:
+    if all(getattr(d, k.split(".")[1]) is None for k in DATA_SOURCES) and d.vocab_size is None:
         d.vocab_size = SYNTHETIC_VOCAB_SIZE  # filled in, so that the saved config says what was trained
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        cfg.train.max_steps = DEFAULT_MAX_STEPS
     validate(cfg)
     return cfg
 
@@ -469,7 +533,7 @@ def notes(cfg: Config) -> list[str]:
     """Settings that are allowed but may not do what was meant: one line each, said before anything runs."""
     out = []
     o, t = cfg.optim, cfg.train
-    if o.warmup_steps > t.max_steps:
+    if t.max_steps is not None and o.warmup_steps > t.max_steps:
         out.append(f"optim.warmup_steps={o.warmup_steps} is more than train.max_steps={t.max_steps}: the learning "
                    f"rate ramps linearly and ends at {t.max_steps}/{o.warmup_steps} of optim.lr={o.lr:g} "
                    "(it never reaches its peak)")
@@ -499,9 +563,15 @@ POLICY_NAMES = ("none", "fixed", "zscore", "percentile", "agc")
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express; everything checkable before training."""
+    """The checks of values alone, pure (no file, device or import is looked at): types cannot express
+    them. `dist_train.preflight` checks what the config names on this machine."""
     t = cfg.train
-    _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    if t.epochs is not None:
+        _require(t.max_steps is None, "train.epochs",
+                 f"train.max_steps={t.max_steps} is set too; set one of them (train.max_steps=null trains by epochs)")
+        _require(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
+    else:
+        _require(t.max_steps is not None and t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     _require(t.global_batch_size > 0, "train.global_batch_size", f"must be > 0, got {t.global_batch_size}")
     _require(t.grad_accum_steps > 0, "train.grad_accum_steps", f"must be > 0, got {t.grad_accum_steps}")
     _require(
@@ -518,12 +588,7 @@ def validate(cfg: Config) -> None:
                  f"{t.resume} continues a run, and run.overwrite=true would start over; pass only one of them")
         _require(t.checkpoint, "train.resume", "resuming needs train.checkpoint=true (a resumed run that never "
                  "checkpoints could not be resumed again)")
-    o = cfg.optim
-    _finite(o.lr, "optim.lr", 0)
-    _finite(o.weight_decay, "optim.weight_decay", 0, lo_open=False)
-    _require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
-    _require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _validate_optim(cfg.optim)
     c = cfg.clip
     _require(c.policy in POLICY_NAMES, "clip.policy",
              f"unknown policy '{c.policy}'; choose one of {', '.join(POLICY_NAMES)}")
@@ -557,15 +622,6 @@ def validate(cfg: Config) -> None:
     _require(cfg.logging.per_layer_every >= 0, "logging.per_layer_every",
              f"must be >= 0, got {cfg.logging.per_layer_every}")
     _require(cfg.logging.spike_top_k >= 1, "logging.spike_top_k", f"must be >= 1, got {cfg.logging.spike_top_k}")
-    if cfg.logging.wandb.mode == WandbMode.online:
-        from dist_train.wandb_sink import api_key_configured
-
-        _require(
-            api_key_configured(),
-            "logging.wandb.mode",
-            "online needs a W&B API key, and none is configured; run 'wandb login' or set WANDB_API_KEY, "
-            "or use logging.wandb.mode=offline",
-        )
     _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
     _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
     _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
@@ -576,104 +632,82 @@ def validate(cfg: Config) -> None:
     _require(m.d_model % m.n_head == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_head={m.n_head}")
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     if m.factory is not None:
-        resolve_factory(m.factory)
-    vocab_size = _validate_data(cfg.data, m.block_size)
-    import torch  # the checks above need none (a typo is reported at once); those below need the device
-
-    cuda = torch.cuda.is_available()
-    if t.device == Device.cuda:
-        _require(cuda, "train.device", "cuda requested but no CUDA device is available; use auto or cpu")
-    if cfg.dist.backend == Backend.nccl:
-        _require(
-            cuda and t.device != Device.cpu,
-            "dist.backend",
-            "nccl needs CUDA devices, and this run trains on the CPU; use auto or gloo",
-        )
-    _check_fits_in_memory(cfg, vocab_size, on_gpu=cuda and t.device != Device.cpu)
-    from dist_train.strategies import resolve
-
-    resolve(cfg)  # strategy x precision x launcher: a combination that cannot work fails here
+        _require(_spec_ok(m.factory), "model.factory", f"'{m.factory}' is not of the form 'package.module:function'")
+    if cfg.task.loss is not None:
+        _require(_spec_ok(cfg.task.loss), "task.loss", f"'{cfg.task.loss}' is not of the form 'package.module:function'")
+    _validate_data(cfg)
+    e = cfg.eval
+    _require(e.every is None or e.every >= 0, "eval.every", f"must be >= 0 (0: never), got {e.every}")
+    _require(e.max_batches is None or e.max_batches >= 1, "eval.max_batches", f"must be >= 1, got {e.max_batches}")
 
 
-def skipped_batches(d: DataConfig) -> list[int]:
-    """data.skip_steps and the batches of data.skip_steps_file, sorted, without repeats (1-based)."""
-    steps = set(d.skip_steps)
-    if d.skip_steps_file is not None:
-        path = _regular_file(d.skip_steps_file, "config key 'data.skip_steps_file': file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config key 'data.skip_steps_file': cannot read '{path}' ({describe(e)})") from None
-        import json
-
-        for i, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' is not valid JSON "
-                                      "(cut off?); mend or remove that line") from None
-                if not isinstance(obj, dict) or "batch" not in obj:
-                    raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' is a JSON object "
-                                      "without a 'batch' (is it a spikes.jsonl written by dist-train?)")
-                items = [obj["batch"]]
-            else:
-                items = line.split()
-            for item in items:
-                try:
-                    steps.add(int(item))
-                except (TypeError, ValueError):
-                    raise ConfigError(f"config key 'data.skip_steps_file': line {i} of '{path}' holds "
-                                      f"'{item}', not a step number") from None
-    bad = [s for s in steps if s < 1]
-    if bad:
-        key = "data.skip_steps" if min(bad) in d.skip_steps else "data.skip_steps_file"
-        raise ConfigError(f"config key '{key}': steps are 1-based, got {min(bad)}")
-    return sorted(steps)
+def _spec_ok(spec: str) -> bool:
+    module_name, sep, attr = spec.partition(":")
+    return bool(sep and module_name and attr)
 
 
-def _validate_data(d: DataConfig, block_size: int) -> int:
-    """Check the data.* keys (a token file against its size and sidecar); the vocabulary size, or a bound on it."""
-    skipped_batches(d)
-    _require(d.text_file is None or d.token_file is None, "data.token_file",
-             "data.text_file is set too; pass only one of them")
+def _validate_optim(o: OptimConfig) -> None:
+    """optim.*: ranges, and no option of another optimizer (betas under sgd, momentum under adam)."""
+    _finite(o.lr, "optim.lr", 0)
+    _finite(o.weight_decay, "optim.weight_decay", 0, lo_open=False)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    name = o.name.value
+    if o.name == OptimName.sgd:
+        for key in ("beta1", "beta2"):
+            _require(getattr(o, key) is None, f"optim.{key}",
+                     "is an option of adam and adamw, and optim.name is sgd; remove it (sgd takes optim.momentum)")
+        momentum = o.momentum or 0.0
+        _require(math.isfinite(momentum) and 0 <= momentum < 1, "optim.momentum", f"must be in [0, 1), got {momentum}")
+        _require(not o.nesterov or momentum > 0, "optim.nesterov",
+                 "Nesterov momentum needs momentum: set optim.momentum > 0 (e.g. 0.9), or optim.nesterov=false")
+    else:
+        _require(o.momentum is None, "optim.momentum",
+                 f"is an option of sgd, and optim.name is {name}; remove it (adam and adamw take optim.beta1)")
+        _require(not o.nesterov, "optim.nesterov", f"is an option of sgd, and optim.name is {name}; remove it")
+        for key in ("beta1", "beta2"):
+            v = getattr(o, key)
+            _require(v is None or 0 <= v < 1, f"optim.{key}", f"must be in [0, 1), got {v}")
+
+
+def betas(o: OptimConfig) -> tuple[float, float]:
+    """adam's and adamw's (beta1, beta2), their defaults where unset."""
+    return (DEFAULT_BETAS[0] if o.beta1 is None else o.beta1, DEFAULT_BETAS[1] if o.beta2 is None else o.beta2)
+
+
+#: The keys that name a source of training samples; at most one is set (none: the synthetic task).
+DATA_SOURCES = ("data.text_file", "data.token_file", "data.file", "data.factory")
+
+
+def token_data(d: DataConfig) -> bool:
+    """Whether the samples are token windows (the synthetic task, a text file, a token file)."""
+    return d.file is None and d.factory is None
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    given = [k for k in DATA_SOURCES if getattr(d, k.split(".")[1]) is not None]
+    _require(len(given) <= 1, given[-1] if given else "data", f"{given[0] if given else ''} is set too; pass only one "
+             "of them")
     if d.token_file is None:
         _require(d.token_dtype is None, "data.token_dtype", "is for data.token_file, which is not set; remove it")
     if d.text_file is not None:
-        _regular_file(d.text_file, "config key 'data.text_file': file")
         _require(d.vocab_size is None, "data.vocab_size",
                  "a data.text_file's vocabulary is its distinct characters; remove data.vocab_size")
-        return 256  # unknown until the file is read; a bound for the memory check
-    if d.token_file is not None:
-        from dist_train.data import inspect_token_file
-
-        return inspect_token_file(d, block_size).vocab_size
-    assert d.vocab_size is not None  # load_config fills in the synthetic default
-    _require(d.vocab_size >= 8, "data.vocab_size", f"must be >= 8, got {d.vocab_size}")
-    _require(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
-    return d.vocab_size
-
-
-def _available_memory(on_gpu: bool) -> Optional[int]:
-    """Bytes this process can expect to use: the GPU's memory, or the host's available memory."""
-    if on_gpu:
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if d.val_file is not None:
+        _require(not token_data(d), "data.val_file", "is a validation set for data.file or data.factory; with token "
+                 "data use data.val_fraction")
+        _require(d.val_fraction == 0, "data.val_fraction", "data.val_file gives the validation set already; remove one")
+    _require(math.isfinite(d.val_fraction) and 0 <= d.val_fraction < 1, "data.val_fraction",
+             f"must be in [0, 1), got {d.val_fraction}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.factory is not None:
+        _require(_spec_ok(d.factory), "data.factory", f"'{d.factory}' is not of the form 'package.module:function'")
+    if d.text_file is None and d.token_file is None and d.file is None and d.factory is None:
+        assert d.vocab_size is not None  # load_config fills in the synthetic default
+        _require(d.vocab_size >= 8, "data.vocab_size", f"must be >= 8, got {d.vocab_size}")
+        _require(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    elif d.vocab_size is not None and d.token_file is None:
+        _require(d.vocab_size >= 1, "data.vocab_size", f"must be >= 1, got {d.vocab_size}")
 
 
 def tinygpt_parameters(m: ModelConfig, vocab_size: int) -> int:
@@ -681,66 +715,6 @@ def tinygpt_parameters(m: ModelConfig, vocab_size: int) -> int:
     d = m.d_model
     per_block = 12 * d * d + 13 * d  # qkv, proj, 2-layer MLP (4x), two LayerNorms, with biases
     return vocab_size * d + m.block_size * d + m.n_layer * per_block + 2 * d + d * vocab_size
-
-
-def _check_fits_in_memory(cfg: Config, vocab_size: int, on_gpu: bool) -> None:
-    """Refuse sizes that cannot fit at all, before anything is allocated or written.
-
-    A sanity bound, not a tight one: the embedded model's weights, gradients and
-    two AdamW moments in fp32 (16 bytes a parameter, activations not counted),
-    and the synthetic data set held in memory (the shuffle stores nothing per sample).
-    """
-    available = _available_memory(on_gpu)
-    if available is None:
-        return
-    where = "GPU" if on_gpu else "host"
-    if cfg.model.factory is None:
-        n = tinygpt_parameters(cfg.model, vocab_size)
-        need = 16 * n
-        _require(
-            need <= available,
-            "model.d_model",
-            f"this model has {n:.3g} parameters and needs about {need / GiB:.3g} GiB for weights, gradients and "
-            f"AdamW state, more than the {available / GiB:.3g} GiB of {where} memory available; use a smaller model "
-            "(model.d_model, model.n_layer)",
-        )
-    if cfg.data.text_file is None and cfg.data.token_file is None:
-        need = cfg.data.num_samples * (cfg.model.block_size + 1) * 8  # int64 samples
-        host = _available_memory(False)
-        _require(
-            host is None or need <= host,
-            "data.num_samples",
-            f"{cfg.data.num_samples} samples of model.block_size+1 tokens need about {need / GiB:.3g} GiB, more "
-            f"than the {(host or 0) / GiB:.3g} GiB of host memory available; lower it",
-        )
-
-
-def resolve_factory(spec: str):
-    """'pkg.module:function' -> the function; ConfigError if it cannot be imported."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"config key 'model.factory': '{spec}' is not of the form 'package.module:function'")
-    # Like other tools that import user code by path (uvicorn, gunicorn), look in
-    # the working directory too, so `dist-train` finds ./my_pkg as python -m would.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"config key 'model.factory': cannot import module '{module_name}' ({e})") from None
-    except SyntaxError as e:
-        raise ConfigError(
-            f"config key 'model.factory': module '{module_name}' has a syntax error "
-            f"({e.msg}, {Path(e.filename or '?').name} line {e.lineno})"
-        ) from None
-    except Exception as e:  # user code raising at import time
-        raise ConfigError(
-            f"config key 'model.factory': importing module '{module_name}' raised {describe(e)}"
-        ) from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"config key 'model.factory': module '{module_name}' has no callable '{attr}'")
-    return fn
 
 
 def to_yaml(cfg: Config) -> str:

@@ -30,12 +30,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dist_train.config import DataConfig, TokenDtype, _regular_file
+from dist_train.config import DataConfig, TokenDtype
+from dist_train.files import regular_file
 from dist_train.errors import ConfigError, UsageError
+from dist_train.samples import Samples
 from dist_train.shuffle import EpochPermutation
 
 
-class TokenDataset:
+class TokenDataset(Samples):
     """Windows of block_size + 1 tokens over a 1-D token stream; window i starts at i * stride.
 
     Window i gives (x, y) = (w[:-1], w[1:]). The stream may be stored in a narrow
@@ -49,6 +51,7 @@ class TokenDataset:
         self.stride = stride
         self.vocab_size = vocab_size
         self.itos = itos
+        self.what = "the data set"
         self._offsets = torch.arange(block_size + 1)
         self._len = (tokens.numel() - block_size - 1) // stride + 1
 
@@ -63,6 +66,11 @@ class TokenDataset:
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.windows(indices)
         return w[:, :-1], w[:, 1:]
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """The samples at `indices`: one contiguous (len(indices), block_size + 1) tensor of token ids; the task
+        cuts it into inputs and targets on the device."""
+        return self.windows(indices)
 
 
 class TokenFileDataset(TokenDataset):
@@ -83,6 +91,7 @@ class TokenFileDataset(TokenDataset):
             self._map.madvise(mmap.MADV_RANDOM)
         self.tokens = np.frombuffer(self._map, dtype=np.dtype(info.dtype).newbyteorder("<"))
         self.info = info
+        self.what = f"data.token_file '{info.path}'"
         self.stride = block_size
         self.vocab_size = info.vocab_size
         self.itos = info.itos
@@ -118,7 +127,9 @@ def synthetic_dataset(num_samples: int, vocab_size: int, block_size: int, seed: 
     t = torch.arange(block_size + 1).unsqueeze(0)
     samples = (start + stride * t) % vocab_size
     # Independent sequences laid end to end: window i is exactly row i.
-    return TokenDataset(samples.reshape(-1), block_size, block_size + 1, vocab_size)
+    ds = TokenDataset(samples.reshape(-1), block_size, block_size + 1, vocab_size)
+    ds.what = "the synthetic task"
+    return ds
 
 
 # Bytes read per chunk. The per-chunk temporaries (the bytes, the decoded str, its
@@ -155,7 +166,9 @@ def text_dataset(path: str | Path, block_size: int, *, chunk_bytes: int = CHUNK_
         cps = _code_points(text)
         torch.index_select(lookup, 0, cps, out=tokens[pos : pos + cps.numel()])
         pos += cps.numel()
-    return TokenDataset(tokens, block_size, block_size, vocab.numel(), [chr(c) for c in vocab.tolist()])
+    ds = TokenDataset(tokens, block_size, block_size, vocab.numel(), [chr(c) for c in vocab.tolist()])
+    ds.what = f"data.text_file '{path}'"
+    return ds
 
 
 def char_counts(paths: Sequence[str | Path], chunk_bytes: int, what: str,
@@ -254,7 +267,7 @@ def _int(value: object) -> bool:
 
 
 def _read_sidecar(path: Path) -> dict:
-    _regular_file(path, "config key 'data.token_file': sidecar")
+    regular_file(path, "config key 'data.token_file': sidecar")
     where = f"config key 'data.token_file': sidecar '{path}'"
     try:
         side = json.loads(path.read_text(encoding="utf-8"))
@@ -292,7 +305,7 @@ def inspect_token_file(cfg: DataConfig, block_size: int) -> TokenFile:
     vocabulary is found by TokenFileDataset.get, in the batch that holds it.
     """
     assert cfg.token_file is not None
-    path = _regular_file(cfg.token_file, "config key 'data.token_file': file")
+    path = regular_file(cfg.token_file, "config key 'data.token_file': file")
     side_path = sidecar_path(path)
     if side_path == path:
         raise ConfigError(f"config key 'data.token_file': '{path}' ends in .json, the name of its own sidecar; "
@@ -350,11 +363,14 @@ class GlobalBatches:
     num_samples: int
     global_batch_size: int
     seed: int
+    shuffle: bool = True
+    """False: the samples in their order in the data set, epoch after epoch."""
+    what: str = "the data set"
 
     def __post_init__(self) -> None:
         if self.num_samples < self.global_batch_size:
             raise UsageError(
-                f"the data set has {self.num_samples} samples, fewer than train.global_batch_size="
+                f"{self.what} has {self.num_samples} samples, fewer than train.global_batch_size="
                 f"{self.global_batch_size}; use a larger data set or a smaller batch"
             )
 
@@ -367,6 +383,8 @@ class GlobalBatches:
         k*B .. (k+1)*B - 1 of epoch e's permutation, where e, k = divmod(step, steps_per_epoch)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         positions = torch.arange(k * self.global_batch_size, (k + 1) * self.global_batch_size)
+        if not self.shuffle:
+            return positions
         return EpochPermutation(self.num_samples, self.seed, epoch)(positions)
 
 

@@ -167,6 +167,14 @@ class DistState:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t / self.world_size
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a tensor over ranks."""
+        if not self._active:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def min_max(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Element-wise min and max over ranks, in one all-reduce."""
         if not self._active:

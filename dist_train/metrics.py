@@ -59,7 +59,7 @@ def make_record(
     window: Window,
     lr: float,
     skipped_total: int,
-    tokens_per_sample: int,
+    tokens_per_sample: Optional[int],
     t_end: Optional[float] = None,
     spike_skipped_total: Optional[int] = None,
 ) -> dict[str, Any]:
@@ -78,8 +78,9 @@ def make_record(
         "optim/step_skipped": int(m.skipped),
         "optim/skipped_steps": skipped_total,
         "perf/samples_per_sec": window.samples / elapsed,
-        "perf/tokens_per_sec": window.samples * tokens_per_sample / elapsed,
     }
+    if tokens_per_sample is not None:  # token windows (task lm)
+        rec["perf/tokens_per_sec"] = window.samples * tokens_per_sample / elapsed
     if spike_skipped_total is not None:  # spike skipping is on
         rec["optim/spike_skipped"] = int(bool(m.spike)) if m.spike is not None else 0
         rec["optim/spike_skipped_steps"] = spike_skipped_total

@@ -1,18 +1,20 @@
 """The embedded default model: a small GPT-style decoder.
 
-Any module that maps (batch, time) token ids to (batch, time, vocab) logits can
-replace it through `model.factory`.
+Any module can replace it through `model.factory` (dist_train.tasks says what its
+output must be for each task).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_train.config import ModelConfig, resolve_factory
+from dist_train.config import ModelConfig
+from dist_train.files import declared_kwargs, resolve_spec
 from dist_train.errors import ConfigError, describe, is_out_of_memory
 
 
@@ -87,58 +89,32 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The configured model: `model.factory(cfg, vocab_size)` or the embedded TinyGPT.
+def build_model(cfg: ModelConfig, task: Any, vocab_size: Optional[int]) -> nn.Module:
+    """The configured model: model.factory's, or the embedded TinyGPT (a language model, for token data).
 
-    A factory that raises or returns something other than a module instance is
-    a one-line ConfigError naming model.factory.
+    A factory is a function or a class, called with the keyword arguments it declares out of `cfg` (the
+    model section), `vocab_size` (token data) and `num_classes` (task classify). One that raises or returns
+    something other than a module instance is a one-line ConfigError naming model.factory.
     """
     if cfg.factory is None:
+        if vocab_size is None or task.name not in ("lm", "custom"):
+            raise ConfigError(f"config key 'model.factory': task {task.name} needs a model of your own (the embedded "
+                              "model is a language model over token data); set model.factory=package.module:name")
         return TinyGPT(cfg, vocab_size)
     key = f"config key 'model.factory': '{cfg.factory}'"
+    fn = resolve_spec(cfg.factory, "model.factory")
+    kwargs = declared_kwargs(fn, "model.factory", {"cfg": cfg, "vocab_size": vocab_size,
+                                                   "num_classes": getattr(task, "num_classes", None)})
     try:
-        model = resolve_factory(cfg.factory)(cfg, vocab_size)
+        model = fn(**kwargs)
     except ConfigError:
         raise
     except Exception as e:
         if is_out_of_memory(e):
             raise ConfigError(f"{key} ran out of memory building the model; use a smaller model") from None
-        raise ConfigError(
-            f"{key} raised {describe(e)} (a factory is build(cfg: ModelConfig, "
-            "vocab_size: int) -> torch.nn.Module)"
-        ) from None
+        raise ConfigError(f"{key} raised {describe(e)} (called with {', '.join(kwargs) or 'no arguments'})") from None
     if isinstance(model, type):
         raise ConfigError(f"{key} returned the class {model.__name__}, not an instance of it")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{key} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def check_model_output(model: nn.Module, cfg: ModelConfig, vocab_size: int, device: torch.device) -> None:
-    """Run a (2, block_size) batch of token ids through `model`: (2, block_size, V) logits with V >= vocab_size.
-
-    A larger V is fine (padded vocabularies such as 50304 for 50257 tokens). The
-    probe runs in eval mode without gradients, and leaves the RNG state as it was.
-    """
-    key = f"config key 'model.factory': the model of '{cfg.factory}'"
-    x = torch.zeros(2, cfg.block_size, dtype=torch.long, device=device)
-    was_training = model.training
-    devices = [device] if device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        model.eval()
-        try:
-            out = model(x)
-        except Exception as e:
-            if is_out_of_memory(e):
-                raise ConfigError(f"{key} ran out of memory on a (2, {cfg.block_size}) batch; use a smaller model "
-                                  "or model.block_size") from None
-            raise ConfigError(f"{key} raised {describe(e)} on a (2, {cfg.block_size}) batch of token ids") \
-                from None
-        finally:
-            model.train(was_training)
-    want = f"(2, {cfg.block_size}, V) logits with V >= the vocabulary size {vocab_size}"
-    if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"{key} returned {type(out).__name__} for a (2, {cfg.block_size}) batch; it must return {want}")
-    if out.dim() != 3 or tuple(out.shape[:2]) != (2, cfg.block_size) or out.size(-1) < vocab_size:
-        raise ConfigError(f"{key} maps a (2, {cfg.block_size}) batch of token ids to shape {tuple(out.shape)}; "
-                          f"expected {want}")

@@ -52,8 +52,13 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
     if not records:
         return None
 
-    fig = _figure(figsize=(8, 7))
-    ax_loss, ax_norm = fig.subplots(2, 1, sharex=True)
+    evals = any(r.get("eval/loss") is not None or r.get("eval/accuracy") is not None for r in records)
+    fig = _figure(figsize=(8, 9.5 if evals else 7))
+    if evals:  # a third panel: the evaluations (and the training accuracy beside them)
+        ax_loss, ax_norm, ax_eval = fig.subplots(3, 1, sharex=True, height_ratios=(1, 1, 0.8))
+        _eval_panel(ax_eval, records)
+    else:
+        ax_loss, ax_norm = fig.subplots(2, 1, sharex=True)
     loss = _series(records, "train/loss")
     _draw(ax_loss, loss, color="tab:blue")
     if not loss[0]:
@@ -97,12 +102,33 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[
         ax_norm.yaxis.set_minor_formatter(_decimal_log_formatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     if not raw[0]:
         _note(ax_norm, "no finite gradient norm: every logged norm is NaN/inf")
-    ax_norm.set_xlabel("optimizer step")
+    if not evals:
+        ax_norm.set_xlabel("optimizer step")
     ax_norm.set_ylabel("global grad norm")
     ax_norm.grid(alpha=0.3, which="both")
     ax_norm.legend(loc="best")
     _save(fig, out_path)
     return out_path
+
+
+def _eval_panel(ax, records: list[dict]) -> None:
+    """eval/loss (left axis) and eval/accuracy, train/accuracy (right axis, classify) by step."""
+    _draw(ax, _series(records, "eval/loss"), label="eval/loss", color="tab:blue", marker="o")
+    ax.set_ylabel("eval/loss")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    acc = _series(records, "eval/accuracy")
+    train_acc = _series(records, "train/accuracy")
+    handles = ax.get_legend_handles_labels()
+    if acc[0] or train_acc[0]:
+        right = ax.twinx()
+        _draw(right, acc, label="eval/accuracy", color="tab:green", marker="s")
+        _draw(right, train_acc, label="train/accuracy", color="tab:olive", linewidth=1, alpha=0.7)
+        right.set_ylabel("accuracy")
+        right.set_ylim(0, 1.02)
+        more = right.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, loc="best")
 
 
 def decimal_label(x: float) -> str:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from dist_train.config import Progress
+from dist_train.config import ProgressMode
 
 
 def num(v: Any, digits: int = 4) -> str:
@@ -84,6 +84,9 @@ def _grad_norm(record: dict[str, Any], on_bar: bool) -> str:
 SHOWN: list[tuple[str, Callable[[dict[str, Any], bool], str]]] = [
     ("train/loss", lambda r, bar: f"loss {num(r['train/loss'])}"),
     ("grad_norm/raw", _grad_norm),
+    ("train/accuracy", lambda r, bar: f"acc {num(r['train/accuracy'])}"),
+    ("eval/loss", lambda r, bar: f"eval/loss {num(r['eval/loss'])}"),
+    ("eval/accuracy", lambda r, bar: f"eval/accuracy {num(r['eval/accuracy'])}"),
     ("optim/lr", lambda r, bar: f"lr {num(r['optim/lr'])}"),
     ("optim/skipped_steps", lambda r, bar: f"skipped_steps {r['optim/skipped_steps']}"),
     ("optim/spike_skipped_steps", lambda r, bar: f"spike_skipped_steps {r['optim/spike_skipped_steps']}"),
@@ -116,13 +119,13 @@ def say(text: str, stream=None) -> None:
 
 
 class ProgressReporter:
-    def __init__(self, mode: Progress, total: int, enabled: bool = True, stream=None, start: int = 0):
+    def __init__(self, mode: ProgressMode, total: int, enabled: bool = True, stream=None, start: int = 0):
         self.stream = stream or sys.stderr
         self.total = total
         self.start = start  # steps done before this process (a resumed run)
         self.enabled = enabled
         self.t0 = time.monotonic()
-        use_bar = mode == Progress.bar or (mode == Progress.auto and self.stream.isatty())
+        use_bar = mode == ProgressMode.bar or (mode == ProgressMode.auto and self.stream.isatty())
         self.bar: Optional[Any] = None
         if enabled and use_bar:
             from tqdm import tqdm

@@ -12,8 +12,8 @@
     -> the policy and the spike window record this step, masked: a skipped step enters neither
     -> zero gradients
 
-With a fused optimizer (torch's Adam/AdamW/Adagrad with fused=True; the trainer
-builds AdamW) nothing in the step reads a value back to the host: the skip
+With a fused optimizer (torch's Adam/AdamW/Adagrad/SGD with fused=True, which the
+trainer builds: dist_train.optim) nothing in the step reads a value back to the host: the skip
 decision is the optimizer's `found_inf` tensor, the fp16 unscale and the clip
 coefficient are its `grad_scale` tensor, the fp16 scale update and the policy's
 state update are device ops masked by finiteness. The gradients are read once
@@ -37,18 +37,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dist_train.clip import ClipPolicy, SpikeSkip, clip_coefficient, scale_grads_
+from dist_train.errors import UsageError
 from dist_train.strategies.base import Amp, Strategy
 
 __all__ = ["Amp", "Strategy", "StepMetrics", "folds_clipping", "lm_loss", "train_step"]
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+Batch = Any  # what the loss function takes: (x, y) for `lm_loss`; a task's batch (dist_train.tasks)
+#: (model, batch) -> the mean loss over the batch's samples, or (that loss, {name: 0-dim tensor}) with metrics
+#: of its own (means over the samples too), which the step averages over the micro-batches.
+LossFn = Callable[[torch.nn.Module, Batch], Any]
 
 
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -85,19 +88,28 @@ class StepMetrics:
     (0 for a parameter without a gradient); None where the engine computes the norm (DeepSpeed)."""
     stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     """The clip policy's and the spike skip's statistics this step's decisions used (README glossary)."""
+    extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """The loss function's own metrics (classify: accuracy), means over this rank's micro-batches."""
 
 
 #: Optimizers whose fused step skips cleanly on found_inf: parameters, state and step counts untouched.
-#: Not fused SGD: in torch 2.13 it creates its momentum buffers with empty_like on the first step and
-#: returns early on found_inf, so a skipped first step leaves them uninitialised.
-FOLDING_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+#: SGD with momentum only once its momentum buffers exist: in torch 2.13 fused SGD creates them with
+#: empty_like on the first step and returns early on found_inf, so a skipped first step would leave them
+#: uninitialised (dist_train.optim.prime_momentum creates them as zeros, which changes no number).
+FOLDING_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.SGD)
 
 
 def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer.step()` reads `grad_scale` and `found_inf` tensors (torch's fused Adam, AdamW and
-    Adagrad, through the hooks GradScaler uses): it then divides each gradient by grad_scale as it reads it,
-    and makes no update at all, step counts included, where found_inf is 1, without a host read."""
-    return isinstance(optimizer, FOLDING_OPTIMIZERS) and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    """Whether `optimizer.step()` reads `grad_scale` and `found_inf` tensors (torch's fused Adam, AdamW,
+    Adagrad and SGD, through the hooks GradScaler uses): it then divides each gradient by grad_scale as it
+    reads it, and makes no update at all, step counts and momentum included, where found_inf is 1, without a
+    host read."""
+    if not isinstance(optimizer, FOLDING_OPTIMIZERS) or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    if isinstance(optimizer, torch.optim.SGD):
+        return all(optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                   for g in optimizer.param_groups if g["momentum"] for p in g["params"])
+    return True
 
 
 def train_step(
@@ -129,16 +141,21 @@ def train_step(
     strategy = strategy or Strategy()
 
     loss_sum = None
+    extra: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         last = i == n_micro - 1
         # Only the last micro-batch communicates: one gradient sync per optimizer step.
         with contextlib.nullcontext() if last else strategy.no_sync(model):
             with strategy.autocast():
-                loss = loss_fn(model, batch)
+                loss, metrics = _loss_and_metrics(loss_fn(model, batch))
             # Dividing by n_micro makes the accumulated gradient the gradient of the
             # mean loss over the whole local batch, whatever the micro-batch split.
             strategy.backward(loss / n_micro)  # scaled by the fp16 loss scale, if any
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        for k, v in metrics.items():
+            v = v.detach().float()
+            extra[k] = v if k not in extra else extra[k] + v
+    extra = {k: v / n_micro for k, v in extra.items()}
 
     loss_scale = strategy.loss_scale()  # the scale this step's backward used (fp16)
 
@@ -153,9 +170,11 @@ def train_step(
         coef = torch.where(raw == 0, torch.ones_like(raw), clipped / raw)
         return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=clipped,
                            clip_coef=coef, threshold=threshold.float(), skipped=~taken, loss_scale=loss_scale,
-                           spike_clipped=_spike_clipped(policy, warm, coef, taken), stats=stats)
+                           spike_clipped=_spike_clipped(policy, warm, coef, taken), stats=stats, extra=extra)
 
     has_grad = [i for i, p in enumerate(params) if p.grad is not None]
+    if not has_grad:  # which parameters hold a gradient is known on the host: no device read
+        raise UsageError(NO_GRADIENT)
     with_grad = [params[i] for i in has_grad]
     grads = [p.grad for p in with_grad]
     strategy.average_grads(grads)
@@ -184,7 +203,26 @@ def train_step(
         spike_clipped=_spike_clipped(policy, d.warm, d.coef, d.take),
         param_norms=norms,
         stats=d.stats,
+        extra=extra,
     )
+
+
+NO_GRADIENT = ("no parameter of the model received a gradient from the loss: the loss does not depend on the "
+               "model's trainable parameters (a detached output, or a model that ignores its input's path to "
+               "them?); check the model's forward and the loss")
+
+
+def _loss_and_metrics(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss function's result as (loss, metrics); a loss without a gradient is a one-line UsageError (its
+    requires_grad is known on the host), where backward would raise an internal error."""
+    loss, metrics = (out[0], out[1]) if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) \
+        else (out, {})
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise UsageError(f"the loss must be a 0-dim tensor, got {got}")
+    if not loss.requires_grad:
+        raise UsageError(NO_GRADIENT)
+    return loss, metrics
 
 
 def _spike_clipped(policy: ClipPolicy, warm: torch.Tensor, coef: torch.Tensor, taken: torch.Tensor

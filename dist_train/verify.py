@@ -61,7 +61,7 @@ def verify(
 ) -> bool:
     """True when the distributed run matches the reference on every step (result on all ranks)."""
     cfg = copy.deepcopy(cfg)
-    cfg.train.max_steps = steps
+    cfg.train.max_steps, cfg.train.epochs = steps, None
     s = build(cfg, dist, device, sync_grads=inject != "unsynced-grads")
     s.model.train()
     dist_metrics = []

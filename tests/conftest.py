@@ -75,7 +75,7 @@ _SESSION_START = time.monotonic()
 #: fewer left, so a worker holds the next file while it runs the README test's second test. Files not named
 #: keep their place after these. A hint for speed only; any order passes.
 HEAVY = ("test_deepspeed.py", "test_readme.py", "test_robustness.py", "test_slurm.py", "test_strategies.py",
-         "test_resume.py", "test_distributed.py", "test_bad_input.py", "test_train.py", "test_harness.py",
+         "test_resume.py", "test_distributed.py", "test_tasks.py", "test_bad_input.py", "test_train.py", "test_harness.py",
          "test_shuffle.py", "test_adaptive_strategies.py", "test_spikes.py", "test_checkpoint_faults.py",
          "test_fused_step.py", "test_token_file.py", "test_data.py", "test_user_facing.py", "test_ci.py")
 

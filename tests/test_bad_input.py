@@ -197,7 +197,91 @@ def _plotted(warning: Optional[str]) -> Callable[[Path, subprocess.CompletedProc
     return check
 
 
+def pth(obj) -> bytes:
+    """What torch.save writes for `obj` (a data.file fixture)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def classify_data(n: int = 8, classes: int = 4, bad_label_at: int = -1) -> bytes:
+    """(features (n, 6) float32, labels (n,) int64 below `classes`, one label `classes + 3` at bad_label_at)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    if bad_label_at >= 0:
+        y[bad_label_at] = classes + 3
+    return pth((torch.randn(n, 6, generator=g), y))
+
+
+def pickled_dataset() -> bytes:
+    """What the article's torch.load reads: a pickled TensorDataset object, not plain tensors."""
+    import torch
+
+    return pth(torch.utils.data.TensorDataset(torch.zeros(4, 6), torch.zeros(4, dtype=torch.long)))
+
+
+def empty_data() -> bytes:
+    import torch
+
+    return pth((torch.zeros(0, 6), torch.zeros(0, dtype=torch.long)))
+
+
+#: A classifier of (B, 6) features; `classes` fixes its outputs, else it takes num_classes from the labels.
+CLASSIFIER = ("class Net(nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n"
+              "        self.fc = nn.Linear(6, {classes})\n    def forward(self, x):\n        return self.fc(x)\n")
+CLASSIFY = [*TRAIN, "model.factory=my_factory:Net", "data.file=d.pth", "train.global_batch_size=4",
+            "data.shuffle=false", "logging.every=1"]
+
+
+def classifier(classes: str = "num_classes", forward: str = "self.fc(x)") -> dict[str, str]:
+    return factory(CLASSIFIER.format(classes=classes).replace("return self.fc(x)", f"return {forward}"))
+
+
+#: A map-style Dataset factory `make` in my_data.py; `sample` is the body of __getitem__(i).
+def dataset_module(sample: str, n: int = 8, returns: str = "D()") -> dict[str, str]:
+    return {"my_data.py": "import torch\n\nclass D(torch.utils.data.Dataset):\n"
+            f"    def __len__(self):\n        return {n}\n"
+            f"    def __getitem__(self, i):\n        {sample}\n\n"
+            f"def make(seed):\n    return {returns}\n"}
+
+
 CASES = [
+    # ---- tasks, data a user has, optimizers, epochs and evaluation ----------------------------------------
+    Case("data_factory_returns_list", [*CLASSIFY[:-5], "model.factory=my_factory:Net", "data.factory=my_data:make"],
+         "returned list (train), not a map-style torch.utils.data.Dataset",
+         files={**dataset_module("return torch.zeros(6), 0", returns="[1, 2]"), **classifier()}),
+    Case("samples_do_not_collate", [*CLASSIFY[:-5], "model.factory=my_factory:Net", "data.factory=my_data:make",
+                                    "train.global_batch_size=4", "data.shuffle=false", "task.name=classify"],
+         "sample 3 does not batch with sample 0: (tensor (7,) float32, int) against (tensor (6,) float32, int)",
+         during_training=True,
+         files={**dataset_module("return torch.zeros(7 if i == 3 else 6), i % 2"), **classifier()}),
+    Case("label_out_of_range", CLASSIFY, "sample 2 of data.file 'd.pth' has label 7, not in [0, 4)",
+         during_training=True, files={"d.pth": classify_data(bad_label_at=2), **classifier(classes="4")}),
+    Case("classifier_logits_under_lm", [*with_factory(), "task.name=lm"], "a classifier's (B, C)",
+         files=model_module("return self.head(self.emb(idx).mean(1))")),
+    Case("pickled_dataset_in_data_file", CLASSIFY, "holds a pickled Python object (a Dataset?), not tensors",
+         files={"d.pth": pickled_dataset(), **classifier()}),
+    Case("val_file_empty", [*CLASSIFY, "data.val_file=v.pth"], "'data.val_file': 'v.pth' holds no samples",
+         files={"d.pth": classify_data(), "v.pth": empty_data(), **classifier()}),
+    Case("val_fraction_too_small", [*CLASSIFY, "data.val_fraction=0.05"], "is 0, no validation sample",
+         files={"d.pth": classify_data(), **classifier()}),
+    Case("epochs_and_max_steps", [*TRAIN, "train.epochs=2"], "'train.epochs': train.max_steps=3 is set too"),
+    Case("betas_under_sgd", [*TRAIN, "optim.name=sgd", "optim.beta1=0.8"],
+         "'optim.beta1': is an option of adam and adamw, and optim.name is sgd"),
+    Case("nesterov_without_momentum", [*TRAIN, "optim.name=sgd", "optim.nesterov=true"],
+         "'optim.nesterov': Nesterov momentum needs momentum"),
+    Case("momentum_under_adamw", [*TRAIN, "optim.momentum=0.9"], "'optim.momentum': is an option of sgd"),
+    Case("optimizer_unknown", [*TRAIN, "optim.name=lion"], "optim.name"),
+    Case("model_gets_no_gradient", with_factory(), "no parameter of the model received a gradient",
+         during_training=True, files=model_module("return self.head(self.emb(idx)).detach()")),
+    Case("eval_every_negative", [*TRAIN, "eval.every=-1"], "'eval.every': must be >= 0"),
+    Case("task_unknown", [*TRAIN, "task.name=regress"], "task.name"),
     # ---- model.factory ------------------------------------------------------------------------
     Case("factory_raises", with_factory(), "raised RuntimeError: boom",
          files=factory("def build(cfg, vocab_size):\n    raise RuntimeError('boom')\n")),
@@ -205,8 +289,8 @@ CASES = [
          files=factory("def build(cfg, vocab_size):\n    return 3\n")),
     Case("factory_returns_class", with_factory(), "returned the class M, not an instance",
          files=factory("class M(nn.Module):\n    pass\n\ndef build(cfg, vocab_size):\n    return M\n")),
-    Case("factory_no_arguments", with_factory(), "raised TypeError",
-         files=factory("def build():\n    return nn.Linear(2, 2)\n")),
+    Case("factory_unknown_argument", with_factory(), "'build' requires the argument 'config' is not one it can be given",
+         files=factory("def build(config, vocab_size):\n    return nn.Linear(2, 2)\n")),
     Case("factory_output_2d", with_factory(), "to shape (2, 32); expected (2, 32, V)",
          files=model_module("return self.head(self.emb(idx)).sum(-1)")),
     Case("factory_output_vocab_too_small", with_factory(), "to shape (2, 32, 16)",
@@ -595,7 +679,7 @@ def test_positive_control(case: Case, results):
 
 def test_deepspeed_fp16_is_refused_where_onednn_lacks_it(tmp_path, monkeypatch):
     import dist_train.strategies
-    from dist_train.config import load_config
+    from dist_train.preflight import load_config
     from dist_train.errors import ConfigError
 
     (tmp_path / "ds.json").write_text('{"fp16": {"enabled": true}, "zero_optimization": {"stage": 2}}')

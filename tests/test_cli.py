@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from dist_train.cli import TRAIN_EPILOG, main
-from dist_train.config import all_keys, describe_config, field_docs, load_config
+from dist_train.config import all_keys, describe_config, field_docs
+from dist_train.preflight import load_config
 from dist_train.metrics import read_jsonl
 from tests.conftest import DEBUG, ROOT
 
@@ -75,8 +76,8 @@ def test_print_config_is_the_resolved_config_with_each_keys_meaning(capsys):
     assert {k for k in all_keys() if k.count(".") == 1} <= flat
     # Each documented key's meaning stands above it.
     docs = field_docs()
-    assert docs["train.max_steps"] == "Number of optimizer steps."
-    assert "# Number of optimizer steps.\n  max_steps:" in out
+    assert docs["train.max_steps"] == "Number of optimizer steps (unset, and no train.epochs: 300)."
+    assert "# Number of optimizer steps (unset, and no train.epochs: 300).\n  max_steps:" in out
     assert out == describe_config(cfg)
     assert sum(bool(v) for v in docs.values()) >= 0.8 * len(docs)
 

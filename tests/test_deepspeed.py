@@ -23,7 +23,7 @@ from dist_train.config import Precision
 from dist_train.distributed import DistState
 from dist_train.strategies import Plan
 from dist_train import trainer
-from dist_train.config import Progress as ProgressMode
+from dist_train.config import ProgressMode
 from dist_train.errors import TrainingError
 from dist_train.progress import ProgressReporter
 from dist_train.trainer import build
@@ -262,7 +262,7 @@ class PerParameterClip(FixedClip):
                                               (PerParameterClip, "needs per-parameter gradients")])
 def test_a_policy_the_engine_cannot_serve_is_refused_at_config_load(monkeypatch, policy, fragment):
     from dist_train import clip, config
-    from dist_train.config import load_config
+    from dist_train.preflight import load_config
     from dist_train.errors import ConfigError
 
     monkeypatch.setitem(clip.POLICIES, policy.name, lambda cfg: policy(cfg.max_norm))

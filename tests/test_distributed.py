@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_train.config import load_config
+from dist_train.preflight import load_config
 from dist_train.strategies.ddp import check_replicas, unwrap
 from dist_train.distributed import DistState
 from dist_train.errors import TrainingError, UsageError
@@ -74,7 +74,8 @@ def _clip_before_allreduce_run():
     s = build(_cfg(1), state, torch.device("cpu"), sync_grads=False)
     raws, params = [], []
     for step in range(STEPS):
-        ((x, y),) = micro_batches(s, step)
+        (w,) = micro_batches(s, step)  # one micro-batch of token windows
+        x, y = w[:, :-1], w[:, 1:]
         torch.nn.functional.cross_entropy(s.model(x).flatten(0, 1), y.flatten()).backward()
         raw = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.clip.max_norm)
         for p in s.model.parameters():

@@ -15,15 +15,18 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_train.step as step_module
 from dist_train import trainer
+from dist_train.trainer import loop as trainer_loop
 from dist_train.clip import AGC, FixedClip, NoClip, PercentileClip, SpikeSkip, ZScoreClip
-from dist_train.config import Progress as ProgressMode
-from dist_train.config import load_config
+from dist_train.config import ProgressMode
+from dist_train.preflight import load_config
 from dist_train.errors import TrainingError
 from dist_train.progress import ProgressReporter
 from dist_train.step import Strategy, folds_clipping, lm_loss, train_step
@@ -114,18 +117,18 @@ def _count_loop(strategy: str, precision: str, steps: int, every: int, *extra: s
     with dist.session(CPU, "gloo", 120):
         s = trainer.build(cfg, dist, CPU)
         counter = SyncCounter()
-        original = trainer.optimizer_step
+        original = trainer_loop.optimizer_step
 
-        def counted(s_, step, halt=None):
+        def counted(s_, step, halt=None, batches=None):
             counter.step = step + 1
-            return original(s_, step, halt)
+            return original(s_, step, halt, batches)
 
-        trainer.optimizer_step = counted
+        trainer_loop.optimizer_step = counted
         try:
             with counter:
                 trainer.run(s, [], ProgressReporter(ProgressMode.plain, steps, enabled=False))
         finally:
-            trainer.optimizer_step = original
+            trainer_loop.optimizer_step = original
     return dict(counter.by_step)
 
 
@@ -137,15 +140,21 @@ def _assert_logged_steps_only(by_step: dict[int, int], steps: int, every: int, w
         assert all(by_step.get(n, 0) > 0 for n in logged), by_step
 
 
+#: SGD with momentum: fused SGD with its momentum buffers primed (dist_train.optim), the same sync-free step.
+SGD = ("optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.05")
+
+
 @pytest.mark.parametrize("precision", ["no", "fp16"])
-@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "zscore+skip"])
-def test_single_process_loop_syncs_only_on_logged_steps(precision, adaptive):
-    _assert_logged_steps_only(_count_loop("auto", precision, 7, 3, *(ADAPTIVE if adaptive else ())), 7, 3)
+@pytest.mark.parametrize("extra", [(), ADAPTIVE, SGD, ("optim.name=sgd",)],
+                         ids=["fixed", "zscore+skip", "sgd-momentum", "sgd"])
+def test_single_process_loop_syncs_only_on_logged_steps(precision, extra):
+    _assert_logged_steps_only(_count_loop("auto", precision, 7, 3, *extra), 7, 3)
 
 
-@pytest.mark.parametrize("strategy, precision", [("ddp", "no"), ("ddp", "fp16"), ("fsdp", "no"), ("fsdp", "fp16")])
-def test_distributed_loop_syncs_only_on_logged_steps(strategy, precision):
-    for rank, by_step in enumerate(spawn(_count_loop, 2, strategy, precision, 7, 3)):
+@pytest.mark.parametrize("strategy, precision, extra", [("ddp", "no", ()), ("ddp", "fp16", ()), ("fsdp", "no", ()),
+                                                        ("fsdp", "fp16", ()), ("ddp", "no", SGD)])
+def test_distributed_loop_syncs_only_on_logged_steps(strategy, precision, extra):
+    for rank, by_step in enumerate(spawn(_count_loop, 2, strategy, precision, 7, 3, *extra)):
         _assert_logged_steps_only(by_step, 7, 3, writes_rows=rank == 0)
 
 
@@ -159,21 +168,21 @@ def _cuda_loop_under_sync_debug(strategy: str, precision: str, steps: int, every
     dist = DistState.from_env()
     with dist.session(device, "nccl", 120):
         s = trainer.build(cfg, dist, device)
-        original = trainer.optimizer_step
+        original = trainer_loop.optimizer_step
 
-        def guarded(s_, step, halt=None):
+        def guarded(s_, step, halt=None, batches=None):
             n = step + 1
             logged = n % every == 0 or n == steps
             # Step 1 is left out: it creates the optimizer's state and warms up the kernels.
             torch.cuda.set_sync_debug_mode("default" if logged or n == 1 else "error")
-            return original(s_, step, halt)
+            return original(s_, step, halt, batches)
 
-        trainer.optimizer_step = guarded
+        trainer_loop.optimizer_step = guarded
         try:
             trainer.run(s, [], ProgressReporter(ProgressMode.plain, steps, enabled=False))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            trainer.optimizer_step = original
+            trainer_loop.optimizer_step = original
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -187,6 +196,32 @@ def test_cuda_loop_has_no_sync_on_steps_that_are_not_logged(strategy, precision)
 @pytest.mark.parametrize("strategy", ["auto", "fsdp"])
 def test_cuda_loop_with_adaptive_clipping_and_spike_skipping_has_no_sync(strategy):
     spawn(_cuda_loop_under_sync_debug, 1, strategy, "no", 9, 4, *ADAPTIVE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("extra", [SGD, ("optim.name=sgd",)], ids=["sgd-momentum", "sgd"])
+def test_cuda_loop_with_sgd_has_no_sync(extra):
+    spawn(_cuda_loop_under_sync_debug, 1, "auto", "no", 9, 4, *extra)
+
+
+def _cuda_cnn_loop_under_sync_debug(precision: str) -> None:
+    """The article's CNN (classify, image batches, labels checked on the host, SGD with momentum) under the same
+    guard, evaluating at the end."""
+    import tempfile
+
+    from examples.seed_cnn import write
+
+    with tempfile.TemporaryDirectory() as d:
+        write(Path(d), 96, 20, 0)
+        extra = ("model.factory=examples.seed_cnn:Net", "task.name=classify", f"data.file={d}/train_data.pth",
+                 f"data.val_file={d}/val_data.pth", "train.global_batch_size=16", *SGD)
+        _cuda_loop_under_sync_debug("auto", precision, 9, 4, *extra)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_cuda_cnn_loop_has_no_sync_on_steps_that_are_not_logged(precision):
+    spawn(_cuda_cnn_loop_under_sync_debug, 1, precision)
 
 
 # ---- folded clipping against explicit clipping --------------------------------------------------------
@@ -332,13 +367,13 @@ def test_run_stops_at_most_one_step_late_and_that_step_changes_nothing(monkeypat
                               "optim.warmup_steps=4"])
     s = trainer.build(cfg)
     snapshots = {}
-    original = trainer.optimizer_step
+    original = trainer_loop.optimizer_step
 
-    def spy(s_, step, halt=None):
+    def spy(s_, step, halt=None, batches=None):
         snapshots[step] = _snapshot(s_.model, s_.optimizer)  # the state before 0-based step `step`
-        return original(s_, step, halt)
+        return original(s_, step, halt, batches)
 
-    monkeypatch.setattr(trainer, "optimizer_step", spy)
+    monkeypatch.setattr(trainer_loop, "optimizer_step", spy)
     rows = []
 
     class Sink:

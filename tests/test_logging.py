@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dist_train.config import Progress, WandbMode
+from dist_train.config import ProgressMode as Progress, WandbMode
 from dist_train.progress import ProgressReporter
 from dist_train.wandb_sink import api_key_configured, resolve_mode
 
@@ -85,7 +85,7 @@ def test_explicit_wandb_mode_wins(clean_home, monkeypatch, mode):
 
 BAR_SCRIPT = """
 import sys
-from dist_train.config import Progress
+from dist_train.config import ProgressMode as Progress
 from dist_train.progress import ProgressReporter
 p = ProgressReporter(Progress.auto, total=300, stream=sys.stderr)
 rec = {"step": 10, "train/loss": 2.901234, "grad_norm/raw": 1.247001, "grad_norm/clipped": 1.0,

@@ -100,6 +100,16 @@ def test_single_process_resumes_exactly_and_continues_the_wandb_run(tmp_path):
     assert sorted(steps) == [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
 
 
+def test_resume_is_exact_with_data_workers(tmp_path):
+    """data.num_workers=2: the workers read ahead, the step still decides the samples, so a run stopped at step k
+    and resumed reads on from step k, and equals the uninterrupted run (which equals one without workers)."""
+    ref, run, k = stop_and_resume(tmp_path, "single", 1, "data.num_workers=2")
+    assert_resumed_equals(run, ref, k)
+    plain = tmp_path / "plain"
+    assert train(plain, "single", 1).returncode == 0
+    assert_resumed_equals(ref, plain, 12)
+
+
 def test_ddp_resumes_exactly_and_on_another_world_size(tmp_path):
     ref, run, k = stop_and_resume(tmp_path, "ddp", 2)
     assert_resumed_equals(run, ref, k)

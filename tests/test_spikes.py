@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dist_train.cli import main
-from dist_train.config import load_config
+from dist_train.preflight import load_config
 from dist_train.metrics import read_jsonl
 from dist_train.trainer import batch_of, build, optimizer_step
 from tests.conftest import DEBUG

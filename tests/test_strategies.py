@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dist_train.clip import FixedClip
-from dist_train.config import Precision, load_config
+from dist_train.config import Precision
+from dist_train.preflight import load_config
 from dist_train.distributed import DistState
 from dist_train.errors import ConfigError
 from dist_train.metrics import read_jsonl

@@ -13,7 +13,8 @@ import torch
 
 import dist_train.prepare as prep
 from dist_train.cli import main
-from dist_train.config import DataConfig, TokenDtype, all_keys, load_config
+from dist_train.config import DataConfig, TokenDtype, all_keys
+from dist_train.preflight import load_config
 from dist_train.data import TokenDataset, TokenFileDataset, build_dataset, text_dataset
 from dist_train.errors import ConfigError, UsageError
 from dist_train.metrics import read_jsonl

@@ -16,7 +16,7 @@ from matplotlib.colors import to_rgba
 
 from dist_train import plot as plot_module
 from dist_train.cli import main
-from dist_train.config import Progress
+from dist_train.config import ProgressMode as Progress
 from dist_train.metrics import RESUMED_FROM, JsonlSink, read_jsonl
 from dist_train.plot import decimal_label, plot_layers, plot_run
 from dist_train.prepare import prepare

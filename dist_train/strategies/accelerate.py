@@ -34,7 +34,7 @@ from dist_train.distributed import DistState
 from dist_train.errors import ConfigError
 from dist_train.strategies import env_true
 from dist_train.strategies.base import OptimizerFactory, Strategy
-from dist_train.strategies.fsdp import load_sharded, save_sharded, whole_state
+from dist_train.strategies.fsdp import load_sharded, reshard_all, save_sharded, whole_state
 
 CPU_RECIPE = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (launch/accelerate.sh does this)"
 
@@ -116,6 +116,10 @@ class AccelerateStrategy(Strategy):
         if self.fsdp:
             return whole_state(model, optimizer)
         return super().state_for_checkpoint(model, optimizer)
+
+    def after_eval(self, model: torch.nn.Module) -> None:
+        if self.fsdp:
+            reshard_all(model)
 
     @property
     def checkpoint_kind(self) -> str:  # type: ignore[override]

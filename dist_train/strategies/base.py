@@ -77,6 +77,14 @@ class Strategy:
     def no_sync(self, model: torch.nn.Module) -> ContextManager:
         return contextlib.nullcontext()
 
+    def cast_inputs(self, batch: Any) -> Any:
+        """A batch on the device as the model takes it: unchanged, except where the engine casts the model's
+        weights to bf16/fp16 without autocast (DeepSpeed), whose floating-point inputs must follow."""
+        return batch
+
+    def after_eval(self, model: torch.nn.Module) -> None:
+        """After forward passes without a backward (evaluation): leave the model as training expects it."""
+
     def backward(self, loss: torch.Tensor) -> None:
         scaler = self.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -139,6 +147,9 @@ class Strategy:
         model_state, optimizer_state = self.state_for_checkpoint(model, optimizer)
         if is_main:
             torch_save({**state, "model": model_state, "optimizer": optimizer_state}, folder / CHECKPOINT_FILE)
+
+    def check_resume(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Refuse a checkpoint of this strategy's kind that this run still cannot resume from (ConfigError)."""
 
     def load_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
                         check_state: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dist_train.config import Config, Precision
+from dist_train.config import Config, OptimName, Precision, betas
 from dist_train.errors import ConfigError, TrainingError, UsageError
 from dist_train.strategies import env_true
 from dist_train.clip import clip_coefficient
@@ -63,9 +63,9 @@ INSTALL_HINT = "pip install 'dist_train[deepspeed]'"
 
 
 def read_json(path: str) -> dict[str, Any]:
-    from dist_train.config import _regular_file
+    from dist_train.files import regular_file
 
-    p = _regular_file(path, "config key 'dist.deepspeed_config': file")
+    p = regular_file(path, "config key 'dist.deepspeed_config': file")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -214,23 +214,33 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
     precision = b.precision(t.precision, "Accelerate's mixed_precision" if "ACCELERATE_MIXED_PRECISION" in env
                             else "train.precision")
 
+    name = o.name.value
     if "optimizer" in b.ds:
         opt = b.section("optimizer")
-        if str(opt.get("type", "")).lower() != "adamw":
-            raise ConfigError(f"DeepSpeed config {b.source}: optimizer type {json.dumps(opt.get('type'))}; dist_train "
-                              "trains with torch's AdamW from optim.*: remove the 'optimizer' section")
+        if str(opt.get("type", "")).lower() != name:
+            raise ConfigError(f"DeepSpeed config {b.source}: optimizer type {json.dumps(opt.get('type'))}, but "
+                              f"optim.name is {name}; dist_train trains with torch's optimizer from optim.*: remove "
+                              "the 'optimizer' section (or set optim.name)")
         params = opt.get("params", {})
         if not isinstance(params, dict):
             raise ConfigError(f"DeepSpeed config {b.source}: optimizer.params must be a JSON object")
-        ours = {"lr": ("optim.lr", o.lr), "betas": ("optim.beta1/optim.beta2", [o.beta1, o.beta2]),
-                "weight_decay": ("optim.weight_decay", o.weight_decay), "eps": ("torch's AdamW default", 1e-8)}
+        ours: dict[str, tuple[str, Any]] = {"lr": ("optim.lr", o.lr),
+                                            "weight_decay": ("optim.weight_decay", o.weight_decay)}
+        if o.name == OptimName.sgd:
+            ours.update(momentum=("optim.momentum", o.momentum or 0.0), nesterov=("optim.nesterov", o.nesterov))
+        else:
+            ours.update(betas=("optim.beta1/optim.beta2", list(betas(o))), eps=(f"torch's {name} default", 1e-8))
         for key, value in params.items():
             if key not in ours:
                 raise ConfigError(f"DeepSpeed config {b.source}: optimizer.params.{key} has no dist_train "
-                                  "counterpart; remove it (dist_train builds AdamW from optim.*)")
+                                  f"counterpart; remove it (dist_train builds {name} from optim.*)")
             if value != "auto" and not _same(value, ours[key][1]):
                 b.fail(f"optimizer.params.{key}", value, ours[key][0], ours[key][1])
-        del b.ds["optimizer"]  # dist_train passes its own torch AdamW built from the same values
+        del b.ds["optimizer"]  # dist_train passes its own torch optimizer built from the same values
+    if o.name == OptimName.sgd:
+        # DeepSpeed's ZeRO lists the optimizers it has tested (Adam, AdamW, Adagrad, its own); torch's SGD is a
+        # plain torch optimizer over the partition it is given, which is all ZeRO needs.
+        b.ds["zero_allow_untested_optimizer"] = True
     if "scheduler" in b.ds:
         raise ConfigError(f"DeepSpeed config {b.source}: remove the 'scheduler' section; the learning-rate schedule "
                           "is optim.warmup_steps and optim.schedule")
@@ -299,10 +309,10 @@ def _auto_left(node: Any, prefix: str = "") -> list[str]:
 
 
 class DeepSpeedStrategy(Strategy):
-    """`deepspeed.initialize` around the model and dist_train's AdamW; see the module's docstring."""
+    """`deepspeed.initialize` around the model and dist_train's torch optimizer; see the module's docstring."""
 
     engine_steps = True
-    fused_optimizer = False  # the engine drives torch's default AdamW itself
+    fused_optimizer = False  # the engine drives torch's default implementation itself
 
     def __init__(self, dist, device: torch.device, cfg: Config):
         super().__init__()
@@ -356,6 +366,16 @@ class DeepSpeedStrategy(Strategy):
         engine.backward(loss, scale_wrt_gas=False)  # the step already divided by the micro-batch count
         if not engine.is_gradient_accumulation_boundary():
             engine.step()  # only counts the micro-batch; the update is engine_step's
+
+    def cast_inputs(self, batch: Any) -> Any:
+        """Floating-point inputs in the engine's dtype: under bf16/fp16 DeepSpeed casts the weights and runs no
+        autocast, so an fp32 image batch would meet bf16 weights (token ids and labels stay integers)."""
+        if self.precision == Precision.no:
+            return batch
+        from dist_train.samples import map_tensors
+
+        dtype = torch.bfloat16 if self.precision == Precision.bf16 else torch.float16
+        return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
     def loss_scale(self) -> Optional[torch.Tensor]:
         if self.precision != Precision.fp16:
@@ -428,6 +448,13 @@ class DeepSpeedStrategy(Strategy):
         return out
 
     checkpoint_kind = "deepspeed"
+
+    def check_resume(self, folder: Path, manifest: dict[str, Any]) -> None:
+        world = manifest.get("world_size")
+        if world != self.dist.world_size:
+            raise ConfigError(f"train.resume: the DeepSpeed checkpoint '{folder}' was written by {world} processes "
+                              f"and this run has {self.dist.world_size}; DeepSpeed's checkpoints resume on the same "
+                              "world size")
 
     def save_checkpoint(self, model, optimizer, folder: Path, state: dict[str, Any], is_main: bool) -> None:
         """`engine.save_checkpoint` into `folder` (every rank writes its partitions), and the trainer's state

@@ -74,6 +74,9 @@ class FSDPStrategy(Strategy):
         finally:
             model.set_requires_gradient_sync(True)
 
+    def after_eval(self, model: torch.nn.Module) -> None:
+        reshard_all(model)
+
     checkpoint_kind = "dcp"
 
     def state_for_checkpoint(self, model, optimizer):
@@ -84,6 +87,14 @@ class FSDPStrategy(Strategy):
 
     def load_checkpoint(self, model, optimizer, folder: Path, check_state=None) -> dict[str, Any]:
         return load_sharded(model, optimizer, folder, check_state)
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Free the unsharded parameters a forward without a backward left (FSDP2 keeps the root's after its
+    forward, expecting the backward): the model's parameters are the sharded ones the optimizer holds again."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
