@@ -228,6 +228,24 @@ def test_accelerate_and_deepspeed_sbatch_train_over_two_nodes(slurm, torchrun_jo
     assert_same_trajectory(read_jsonl(run / "metrics.jsonl"), read_jsonl(torchrun_job[0] / "metrics.jsonl"), 1e-5)
 
 
+def test_the_article_model_trains_under_the_torchrun_sbatch(slurm, tmp_path):
+    """The README's Slurm line for the article's CNN: slurm/torchrun.sbatch with CONFIG=configs/seed_cnn.yaml,
+    over two nodes, matches the plain-torch loop of tests/test_tasks.py step by step (the launchers forked warm:
+    this proves the config travels through the job; the torchrun jobs above run fresh)."""
+    from examples.seed_cnn import write
+    from tests.conftest import warm_launch_env
+    from tests.test_tasks import SEED_CNN, TRAIN_N, VAL_N, assert_rows_match, cnn_args, reference, rows
+
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "job.out"
+    write(data, TRAIN_N, VAL_N, 0)
+    env = warm_launch_env(job_env(tmp_path, CONFIG=SEED_CNN))
+    job = submit(slurm, ROOT / "slurm/torchrun.sbatch", out, CPU, cnn_args(data, run)[3:], env=env)
+    info = wait_job(slurm, job, timeout=240)
+    assert info["JobState"] == "COMPLETED", out.read_text()
+    assert "task classify (10 classes" in out.read_text()
+    assert_rows_match(rows(run), reference(data, world=2)[0])
+
+
 def test_debug_sbatch_is_preempted_through_the_batch_shell_and_resumes(slurm, tmp_path):
     """slurm/debug.sbatch has no job step: its signal is B:USR2 to the batch shell, which exec'd dist-train.
     Sent mid-run (scancel --batch): checkpoint, requeue, resume, the same trajectory as one process."""
