@@ -123,6 +123,16 @@ def signal_gpt(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return model
 
 
+def signal_net() -> nn.Module:
+    """model.factory: the article's CNN (examples/seed_cnn.py) that sends SIGTERM to its own process at training
+    forward call STOP_AT_CALL (0-based; unset: never): a classifier stopped at a known step."""
+    import signal as S
+
+    from examples.seed_cnn import Net
+
+    return SignalAt(Net(), int(os.environ.get("STOP_AT_CALL", "-1")), S.SIGTERM, os.getpid())
+
+
 def _read_late(seconds: float) -> None:
     """Delay this rank's look at whether run.out_dir already holds a run (train.resume=<path>): the last
     read of the run directory before rank 0 writes it. A rank that is descheduled there on a loaded
