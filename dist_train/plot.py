@@ -127,8 +127,10 @@ def _eval_panel(ax, records: list[dict]) -> None:
         right.set_ylabel("accuracy")
         right.set_ylim(0, 1.02)
         more = right.get_legend_handles_labels()
-        handles = (handles[0] + more[0], handles[1] + more[1])
-    ax.legend(*handles, loc="best")
+        # On the accuracy axis, placed where its curves are not (eval/loss is a few markers, at epochs' ends).
+        right.legend(handles[0] + more[0], handles[1] + more[1], loc="best", fontsize="small")
+    else:
+        ax.legend(*handles, loc="best")
 
 
 def decimal_label(x: float) -> str:

@@ -238,10 +238,10 @@ def collate(samples: list[Any], indices: list[int], what: str) -> Batch:
     try:
         return default_collate(samples)
     except Exception as e:
-        first = _shape(samples[0])
+        first = shape_of(samples[0])
         for i, s in zip(indices[1:], samples[1:]):
-            if _shape(s) != first:
-                raise UsageError(f"{what}: sample {i} does not batch with sample {indices[0]}: {_shape(s)} against "
+            if shape_of(s) != first:
+                raise UsageError(f"{what}: sample {i} does not batch with sample {indices[0]}: {shape_of(s)} against "
                                  f"{first}; samples must have the same structure and shapes (pad or crop them in the "
                                  "Dataset)") from None
         raise UsageError(f"{what}: samples {indices[0]}..{indices[-1]} cannot be batched by default_collate "
@@ -249,13 +249,13 @@ def collate(samples: list[Any], indices: list[int], what: str) -> Batch:
                          "or tuples or dicts of them") from None
 
 
-def _shape(sample: Any) -> str:
+def shape_of(sample: Any) -> str:
     if isinstance(sample, torch.Tensor):
         return f"tensor {tuple(sample.shape)} {str(sample.dtype).replace('torch.', '')}"
     if isinstance(sample, dict):
-        return "{" + ", ".join(f"{k!r}: {_shape(v)}" for k, v in sample.items()) + "}"
+        return "{" + ", ".join(f"{k!r}: {shape_of(v)}" for k, v in sample.items()) + "}"
     if isinstance(sample, (tuple, list)):
-        return "(" + ", ".join(_shape(v) for v in sample) + ")"
+        return "(" + ", ".join(shape_of(v) for v in sample) + ")"
     return type(sample).__name__
 
 

@@ -344,8 +344,15 @@ def resolve_name(cfg: Config, train: Samples) -> Optional[TaskName]:
 def build_task(cfg: Config, name: Optional[TaskName], train: Samples, val: Optional[Samples]) -> Task:
     """The task object (the model is built after it: a classifier's factory may take num_classes)."""
     if name == TaskName.lm:
-        if train.vocab_size is None:
-            raise ConfigError("task lm on data.file or data.factory: set data.vocab_size (every token id below it)")
+        if not token_data(cfg.data):
+            probe = train.batch(torch.arange(min(2, len(train))))
+            if not (isinstance(probe, torch.Tensor) and probe.dim() == 2 and not probe.dtype.is_floating_point):
+                raise ConfigError(f"task lm needs samples that are windows of token ids (an integer tensor of T + 1 "
+                                  f"ids each); {train.what} holds samples of {_sample_shape(probe)}: for (inputs, "
+                                  "label) samples set task.name=classify, for a model computing its own loss "
+                                  "task.name=model")
+            if train.vocab_size is None:
+                raise ConfigError(f"task lm on {train.what}: set data.vocab_size (every token id below it)")
         return LanguageModel(cfg.model.block_size if token_data(cfg.data) else
                              _window(train) - 1, train.vocab_size)
     if name == TaskName.classify:
@@ -353,6 +360,13 @@ def build_task(cfg: Config, name: Optional[TaskName], train: Samples, val: Optio
     if name == TaskName.model:
         return OwnLoss()
     return Undecided()
+
+
+def _sample_shape(batch: Batch) -> str:
+    """One sample's structure in a batch of them: '(tensor (3, 32, 32) float32, tensor () int64)'."""
+    from dist_train.samples import map_tensors, shape_of
+
+    return shape_of(map_tensors(batch, lambda t: t[0]))
 
 
 def _window(samples: Samples) -> int:

@@ -22,9 +22,13 @@ def gpt2(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
     """GPT2LMHeadModel sized by the model section (n_layer, n_head, d_model, block_size, dropout)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    # GPT-2's own special tokens (id 50256) lie outside a small vocabulary: the last id stands for them here.
     config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
-    return GPT2LMHeadModel(config)
+                        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the loss of a causal LM's labels (transformers warns when it must guess)
+    return model
 
 
 class Progressions(torch.utils.data.Dataset):

@@ -265,6 +265,10 @@ CASES = [
          during_training=True, files={"d.pth": classify_data(bad_label_at=2), **classifier(classes="4")}),
     Case("classifier_logits_under_lm", [*with_factory(), "task.name=lm"], "a classifier's (B, C)",
          files=model_module("return self.head(self.emb(idx).mean(1))")),
+    Case("lm_on_image_samples", [*CLASSIFY, "task.name=lm"],
+         "task lm needs samples that are windows of token ids (an integer tensor of T + 1 ids each); data.file "
+         "'d.pth' holds samples of (tensor (6,) float32, tensor () int64)",
+         files={"d.pth": classify_data(), **classifier()}),
     Case("pickled_dataset_in_data_file", CLASSIFY, "holds a pickled Python object (a Dataset?), not tensors",
          files={"d.pth": pickled_dataset(), **classifier()}),
     Case("val_file_empty", [*CLASSIFY, "data.val_file=v.pth"], "'data.val_file': 'v.pth' holds no samples",
