@@ -342,7 +342,13 @@ def resolve_name(cfg: Config, train: Samples) -> Optional[TaskName]:
 
 
 def build_task(cfg: Config, name: Optional[TaskName], train: Samples, val: Optional[Samples]) -> Task:
-    """The task object (the model is built after it: a classifier's factory may take num_classes)."""
+    """The task object (the model is built after it: a classifier's factory may take num_classes). task.loss,
+    when given, replaces the task's loss whatever task.name says."""
+    if cfg.task.loss is not None:
+        from dist_train.files import resolve_spec
+
+        return CustomLoss(cfg.task.loss, resolve_spec(cfg.task.loss, "task.loss"),
+                          cfg.model.block_size if token_data(cfg.data) else None)
     if name == TaskName.lm:
         if not token_data(cfg.data):
             probe = train.batch(torch.arange(min(2, len(train))))

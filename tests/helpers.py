@@ -194,3 +194,11 @@ class SpikeOn(nn.Module):
                 self.spiked += 1
                 out = out * self.factor
         return out
+
+
+def smoothed_loss(model: nn.Module, batch) -> tuple:
+    """task.loss: cross-entropy with label smoothing 0.1, and a metric of its own, top-2 accuracy."""
+    x, y = batch
+    logits = model(x)
+    top2 = (logits.topk(2, dim=1).indices == y[:, None]).any(dim=1).float().mean()
+    return torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1), {"top2": top2}

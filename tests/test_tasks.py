@@ -8,6 +8,7 @@ all-reduce and a padding sampler are computed here and shown to miss the numbers
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -47,7 +48,7 @@ def rows(run: Path) -> list[dict]:
 
 
 def reference(data: Path, accum: int = 1, world: int = 1, clip_each_micro: bool = False,
-              clip_before_allreduce: bool = False) -> tuple[list[dict], dict]:
+              clip_before_allreduce: bool = False, loss_fn=F.cross_entropy) -> tuple[list[dict], dict]:
     """The article's loop, fixed, in plain torch: DataLoader(shuffle=False), cross-entropy, clip_grad_norm_ on
     the whole batch's gradient, optim.SGD, the model built right after torch.manual_seed(0). `world` ranks and
     `accum` micro-batches each are simulated by cutting the batch; the two mistakes are options."""
@@ -67,7 +68,7 @@ def reference(data: Path, accum: int = 1, world: int = 1, clip_each_micro: bool 
             local = [torch.zeros_like(p) for p in params]
             for xm, ym in parts[r * accum:(r + 1) * accum]:
                 opt.zero_grad()
-                loss = F.cross_entropy(net(xm), ym)
+                loss = loss_fn(net(xm), ym)
                 loss.backward()
                 g = [p.grad.detach() / accum for p in params]
                 if clip_each_micro:  # the mistake: clip inside accumulation
@@ -258,6 +259,49 @@ def test_deepspeed_bf16_casts_the_images_to_the_engines_dtype(cnn_runs, strategy
     assert got[0]["train/loss"] != want[0]["train/loss"]  # bf16 really ran
 
 
+def test_a_custom_loss_with_a_metric_of_its_own(seed_data, tmp_path):
+    """task.loss replaces the task's loss: the run follows a plain loop with the same loss, and the loss's own
+    metric is logged as train/<name> and eval/<name>, the evaluation's equal to one computed here from the
+    final weights."""
+    from tests.helpers import smoothed_loss
+
+    run = tmp_path / "run"
+    p = cli(*cnn_args(seed_data, run, "task.loss=tests.helpers:smoothed_loss"))
+    assert p.returncode == 0, p.stderr
+    assert "task custom loss tests.helpers:smoothed_loss" in p.stderr
+    smooth = functools.partial(F.cross_entropy, label_smoothing=0.1)
+    want, _ = reference(seed_data, loss_fn=smooth)
+    got = rows(run)
+    assert_rows_match(got, want)
+    assert all(0 <= r["train/top2"] <= 1 for r in got)
+    net = Net().eval()
+    net.load_state_dict(checkpoint_params(run))
+    images, labels = torch.load(seed_data / "val_data.pth", weights_only=True)
+    with torch.no_grad():
+        loss, extra = smoothed_loss(net, (images, labels))
+    assert got[-1]["eval/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert got[-1]["eval/top2"] == pytest.approx(extra["top2"].item(), rel=1e-6)
+
+
+def test_epochs_evaluate_at_each_epochs_end_and_val_fraction_holds_out(seed_data, tmp_path):
+    """train.epochs=2 over 48 training samples of batch 8: 12 steps, an evaluation and an epoch line at steps 6
+    and 12;
+    data.val_fraction holds out a quarter of data.file (16 of 64, by the seed) instead of data.val_file (and
+    eval.max_batches=1 evaluates the first 8 of them)."""
+    run = tmp_path / "run"
+    p = cli("train", "-c", SEED_CNN, f"run.out_dir={run}", f"data.file={seed_data / 'train_data.pth'}",
+            "data.val_file=null", "data.val_fraction=0.25", "eval.max_batches=1", "train.epochs=2",
+            "logging.every=100", "logging.wandb.mode=disabled", "logging.progress=plain", "train.global_batch_size=8")
+    assert p.returncode == 0, p.stderr
+    assert "48 training samples (data.file" in p.stderr and "16 validation samples" in p.stderr
+    got = rows(run)
+    assert [r["step"] for r in got] == [6, 12]  # 48 // 8 = 6 steps an epoch
+    assert all(r["eval/loss"] is not None and r["train/epoch"] in (1.0, 2.0) for r in got)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("dist-train: epoch ")]
+    assert [ln.split(":")[1].strip() for ln in lines] == ["epoch 1/2", "epoch 2/2"], lines
+    assert "train loss" in lines[-1] and "eval/loss" in lines[-1] and "eval/accuracy" in lines[-1]
+
+
 # ---- evaluation ------------------------------------------------------------------------------------------
 def _evaluate(data: str, world_overrides: list[str]) -> dict:
     """On each rank: the built setup's evaluation (every rank gets the totals), and the plain-torch numbers."""
@@ -444,7 +488,9 @@ def hf_runs(tmp_path_factory):
     for name, args, nproc in (("lm", HF, 1), ("model", HF_MODEL, 1), ("lm_ddp", HF, 2), ("model_ddp", HF_MODEL, 2),
                               ("lm_deepspeed", [*HF, "dist.strategy=deepspeed"], 2),
                               ("model_deepspeed", [*HF_MODEL, "dist.strategy=deepspeed"], 2),
-                              ("model_fsdp", [*HF_MODEL, "dist.strategy=fsdp"], 2)):
+                              ("model_fsdp", [*HF_MODEL, "dist.strategy=fsdp"], 2),
+                              ("model_zero3", [*HF_MODEL, "dist.strategy=deepspeed",
+                                               f"dist.deepspeed_config={DS_JSON / 'zero3.json'}"], 2)):
         argv = ["train", "-c", DEBUG, f"run.out_dir={root / name}", *args]
         p = cli(*argv) if nproc == 1 else torchrun_cli(*argv, nproc=nproc)
         assert p.returncode == 0, p.stderr
@@ -462,12 +508,13 @@ def test_hugging_face_gpt2_as_lm_with_no_wrapper(hf_runs, name):
     assert "task lm (next-token cross-entropy, vocabulary 32) (task.name=auto)" in p.stderr
 
 
-@pytest.mark.parametrize("name", ["model", "model_ddp", "model_deepspeed", "model_fsdp"])
+@pytest.mark.parametrize("name", ["model", "model_ddp", "model_deepspeed", "model_fsdp", "model_zero3"])
 def test_hugging_face_gpt2_computing_its_own_loss(hf_runs, name):
     run, p = hf_runs[name]
     want = hf_reference("model")
     got = hf_rows(run)
-    rel = 5e-5 if name == "model_fsdp" else 1e-5  # the norm over shards in fp32: test_ranks_and_micro_batches_...
+    # the norm over shards in fp32: see test_ranks_and_micro_batches_give_the_same_run
+    rel = {"model_fsdp": 5e-5, "model_zero3": 1e-4}.get(name, 1e-5)
     for r, w in zip(got, want):
         for key in w:
             assert r[key] == pytest.approx(w[key], rel=rel), f"step {r['step']} {key}"
