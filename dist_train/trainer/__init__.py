@@ -5,6 +5,7 @@ opens the outputs (`outputs`), runs the loop (`loop`, which evaluates with `eval
     resume    RunState, checkpoints written on every rank, resuming from one
     outputs   rank 0's run directory, metrics files and W&B, and the startup summary
     loop      run: the optimizer steps, what is logged when, the stop vote, the skip limit
+    rows      a logged step's row, spike line, per-layer norms and progress line
     skips     SkipCounter: skipped steps and spikes counted on the device, learnt a step late
     evaluate  evaluation over disjoint parts of the validation set, summed over ranks
 """

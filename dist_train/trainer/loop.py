@@ -13,14 +13,15 @@ import torch
 
 from dist_train.errors import TrainingError
 from dist_train import config as C
-from dist_train.metrics import Sink, Window, _num, layer_norms, make_record, spike_record
+from dist_train.metrics import Sink, _num
 from dist_train.progress import ProgressReporter, num
 from dist_train.signals import StopSignal
 from dist_train.step import StepMetrics
 from dist_train.strategies.ddp import check_replicas
 from dist_train.trainer.evaluate import evaluate
 from dist_train.trainer.resume import RunState
-from dist_train.trainer.setup import Setup, batch_of, optimizer_step, per_layer_every, step_batches
+from dist_train.trainer.rows import Rows
+from dist_train.trainer.setup import Setup, optimizer_step, per_layer_every, step_batches
 from dist_train.trainer.skips import SkipCounter
 
 
@@ -72,7 +73,6 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     """
     cfg = s.cfg
     t = cfg.train
-    window = Window(s.device)
     vote = s.dist.stop_vote()
     p = dataclasses.replace(start) if start is not None else RunState()
     out = Outcome(state=p)
@@ -85,63 +85,8 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     # The engine reads its skip on the host anyway: nothing to gain from learning it a step late.
     immediate = s.strategy.engine_steps
     every_layer = per_layer_every(s)
+    rows = Rows(s, sinks, progress, spike_sinks, layer_sinks, epochs=t.epochs is not None)
     prev: Optional[_Done] = None  # the last step
-
-    def log_row(n: int, m: StepMetrics, lr: float, counts: tuple[int, int, int, int], advance: bool,
-                t_end: Optional[float] = None, extra: Optional[dict[str, Any]] = None) -> None:
-        """Step n's row; the logging window ends at t_end (a deferred row: the end of step n, not now). `extra`:
-        more of the row's keys (the evaluation's, the epoch's)."""
-        total, consecutive, spikes, _ = counts
-        record = None
-        loss = s.dist.mean(m.loss)  # collective: every rank takes part
-        own = {f"train/{k}": s.dist.mean(v) for k, v in m.extra.items()}  # the loss function's metrics
-        if s.dist.is_main:
-            record = make_record(step=n, loss=loss, m=m, window=window, lr=lr, skipped_total=total,
-                                 tokens_per_sample=s.task.tokens_per_sample, t_end=t_end,
-                                 spike_skipped_total=spikes if s.skip is not None else None)
-            record.update({k: _num(v.item()) for k, v in own.items()})
-            if epochs is not None:
-                record["train/epoch"] = n / s.steps_per_epoch
-            record.update(extra or {})
-            for sink in sinks:
-                sink.log(record)
-            spike = bool(spike_sinks) and is_spike(m)
-            per_layer = bool(every_layer) and n % every_layer == 0
-            # Each module's norm (one read of the per-tensor norms), only on the rows that use it.
-            layers = layer_norms(s.param_names, m.param_norms) if m.param_norms is not None and (
-                spike or per_layer) else None
-            if spike:
-                batch = batch_of(s, n - 1)
-                line = spike_record(step=n, batch=batch + 1, record=record, m=m, layers=layers,
-                                    top_k=cfg.logging.spike_top_k, samples=s.batches.indices(batch).tolist())
-                for sink in spike_sinks:
-                    sink.log(line)
-            if layers is not None and per_layer:
-                row = {"step": n, **{f"grad_norm_layer/{k}": v for k, v in layers.items()}}
-                for sink in layer_sinks:
-                    sink.log(row)
-        window.reset(t_end)
-        if record is not None and record["optim/step_skipped"]:
-            progress.message(f"dist-train: step {n}: non-finite gradient norm, optimizer step skipped "
-                             f"({consecutive} in a row)")
-        elif record is not None and record.get("optim/spike_skipped"):
-            progress.message(f"dist-train: step {n}: spike ({spike_cause(record)}), optimizer step skipped; see "
-                             "spikes.jsonl")
-        elif record is not None and record.get("clip/spike_clipped"):
-            progress.message(f"dist-train: step {n}: spike (grad norm {num(record['grad_norm/raw'])} > zscore "
-                             f"threshold {num(record['grad_norm/threshold'])}), clipped; see spikes.jsonl")
-        progress.step(record, advance=advance)
-
-    def check_limit(n: int, consecutive: int) -> None:
-        if consecutive >= cfg.clip.max_consecutive_nonfinite:
-            hint = ("lower optim.lr (and clip.max_norm, if the norms grew before this), or check the data around "
-                    "these steps")
-            if s.plan.precision == C.Precision.fp16:
-                hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
-            raise TrainingError(
-                f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
-                f"gradient norm (clip.max_consecutive_nonfinite={cfg.clip.max_consecutive_nonfinite}); {hint}"
-            )
 
     def news(counts: tuple[int, int, int, int]) -> bool:
         """Whether `counts` hold a skip or a spike the host has not reported yet (then remembered)."""
@@ -164,9 +109,9 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
         late = None if immediate else skips.previous()  # the counts after step n - 1, not waiting for step n
         if late is not None and prev is not None and not prev.logged:
             if news(late):  # step n - 1 was skipped or a spike: its own row, before step n's
-                log_row(prev.step, prev.m, prev.lr, late, advance=False, t_end=prev.t_end)
-            check_limit(prev.step, late[1])
-        window.add(m, t.global_batch_size)
+                rows.write(prev.step, prev.m, prev.lr, late, advance=False, t_end=prev.t_end)
+            check_limit(s, prev.step, late[1])
+        rows.window.add(m, t.global_batch_size)
         # Every rank learns the same answer at the same step, so the last step is logged by all.
         stop_now = vote.poll(stop is not None and stop.requested) and n < max_steps
         evaluate_now = bool(every_eval) and (n % every_eval == 0 or n == max_steps)
@@ -183,7 +128,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
             extra = evaluate(s) if evaluate_now else {}
             if epoch_end:
                 extra["train/epoch_loss"] = epochs.mean()  # collective: every rank takes part
-            log_row(n, m, lr, counts, advance=True, extra=extra)
+            rows.write(n, m, lr, counts, advance=True, extra=extra)
             if epoch_end and s.dist.is_main:
                 progress.message(epoch_line(n // s.steps_per_epoch, t.epochs, extra))
         else:
@@ -192,7 +137,7 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
         if cfg.dist.check_sync_every and n % cfg.dist.check_sync_every == 0:
             check_replicas(s.strategy.full_parameters(s.model), s.dist, n)
         if logged:
-            check_limit(n, counts[1])
+            check_limit(s, n, counts[1])
         if stop_now:
             out.stopped_by = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
             break
@@ -200,9 +145,9 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
             counts = skips.exact()
             p.skipped_total, p.consecutive, p.spike_skipped, p.spike_events = counts
             if news(counts):  # step n was skipped or a spike: its row goes out before its checkpoint
-                log_row(n, m, lr, counts, advance=False)
+                rows.write(n, m, lr, counts, advance=False)
                 prev = _Done(n, m, lr, True, t_step)
-                check_limit(n, p.consecutive)
+                check_limit(s, n, p.consecutive)
             checkpoint(p)
     vote.close()
     data.close()
@@ -210,22 +155,15 @@ def run(s: Setup, sinks: list[Sink], progress: ProgressReporter, stop: Optional[
     return out
 
 
-def spike_cause(record: dict[str, Any]) -> str:
-    """What exceeded its limit in a skipped spike's row, e.g. 'grad norm 4.100 > 2.400'."""
-    causes = []
-    for key, what, value in (("clip/spike_limit", "grad norm", "grad_norm/raw"),
-                             ("clip/spike_loss_limit", "loss", "train/loss")):
-        limit, v = record.get(key), record.get(value)
-        if limit is not None and v is not None and v > limit:
-            causes.append(f"{what} {num(v)} > {num(limit)}")
-    return ", ".join(causes) or "over its limit"
-
-
-def is_spike(m: StepMetrics) -> bool:
-    """Whether step `m` was skipped as a spike or clipped as one by zscore (a host read)."""
-    return bool((m.spike is not None and m.spike) or (m.spike_clipped is not None and m.spike_clipped))
-
-
+def check_limit(s: Setup, n: int, consecutive: int) -> None:
+    """Stop the run when clip.max_consecutive_nonfinite steps in a row, up to step n, were skipped."""
+    limit = s.cfg.clip.max_consecutive_nonfinite
+    if consecutive >= limit:
+        hint = "lower optim.lr (and clip.max_norm, if the norms grew before this), or check the data around these steps"
+        if s.plan.precision == C.Precision.fp16:
+            hint += "; fp16 overflows: train.precision=bf16 has fp32's range"
+        raise TrainingError(f"training stopped at step {n}: {consecutive} consecutive optimizer steps had a non-finite "
+                            f"gradient norm (clip.max_consecutive_nonfinite={limit}); {hint}")
 
 
 class EpochLoss:
