@@ -27,13 +27,11 @@ def build_optimizer(o: OptimConfig, params: Iterable[torch.nn.Parameter], fused:
     params = list(params)
     flag = fused or None  # None: torch's default implementation (foreach where it can)
     if o.name == OptimName.sgd:
-        if flag and any(_is_dtensor(p) for p in params):
-            # torch 2.13 registers no DTensor rule for fused SGD's kernel (it does for fused Adam and AdamW):
-            # under FSDP2, SGD takes torch's foreach implementation and the step's explicit path (one host read).
-            flag = None
         momentum = o.momentum or 0.0
-        opt = torch.optim.SGD(params, lr=o.lr, momentum=momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                              fused=flag)
+        # torch 2.13 registers no DTensor rule for fused SGD's kernel (it does for fused Adam and AdamW): on sharded
+        # parameters (FSDP2), the same kernel runs on each rank's local shards (ShardedFusedSGD).
+        cls = ShardedFusedSGD if flag and any(_is_dtensor(p) for p in params) else torch.optim.SGD
+        opt = cls(params, lr=o.lr, momentum=momentum, nesterov=o.nesterov, weight_decay=o.weight_decay, fused=flag)
         prime_momentum(opt)
         return opt
     cls = torch.optim.AdamW if o.name == OptimName.adamw else torch.optim.Adam
@@ -84,3 +82,33 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the storage its in-place updates write), or the tensor."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class ShardedFusedSGD(torch.optim.SGD):
+    """torch's fused SGD on FSDP2's sharded parameters: each rank runs the fused kernel on its local shards of
+    the parameters, gradients and momentum buffers. SGD is element-wise, so the shards' updates are the whole
+    tensors' update; the kernel reads `grad_scale` and `found_inf` as on plain tensors, so the step stays
+    free of host reads. Its momentum buffers are primed (`prime_momentum`)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "dist_train's step passes no closure"
+        from torch.optim.sgd import sgd
+
+        for group in self.param_groups:
+            have = [p for p in group["params"] if p.grad is not None]
+            if not have:
+                continue
+            momentum = group["momentum"]
+            sgd([_local(p) for p in have], [_local(p.grad) for p in have],
+                [_local(self.state[p]["momentum_buffer"]) for p in have] if momentum else [None] * len(have),
+                weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                has_sparse_grad=False, foreach=None, fused=True, grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None))
+        return None

@@ -152,7 +152,7 @@ def test_single_process_loop_syncs_only_on_logged_steps(precision, extra):
 
 
 @pytest.mark.parametrize("strategy, precision, extra", [("ddp", "no", ()), ("ddp", "fp16", ()), ("fsdp", "no", ()),
-                                                        ("fsdp", "fp16", ()), ("ddp", "no", SGD)])
+                                                        ("fsdp", "fp16", ()), ("ddp", "no", SGD), ("fsdp", "no", SGD)])
 def test_distributed_loop_syncs_only_on_logged_steps(strategy, precision, extra):
     for rank, by_step in enumerate(spawn(_count_loop, 2, strategy, precision, 7, 3, *extra)):
         _assert_logged_steps_only(by_step, 7, 3, writes_rows=rank == 0)
