@@ -46,6 +46,9 @@ start() {
       die "port $port is in use (another test cluster? stop it with: tests/slurm/cluster.sh stop ITS_DIR)"
     fi
   done
+  # A throwaway cluster: no jobs or node states of an earlier one (a run killed mid-job leaves them, and its
+  # nodes would come up allocated).
+  rm -rf "$DIR/state" "$DIR/spool-n1" "$DIR/spool-n2"
   mkdir -p "$DIR"/{state,spool-n1,spool-n2,log,munge}
   chmod 755 "$DIR/munge"
   local host cpus mem
