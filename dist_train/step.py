@@ -46,7 +46,7 @@ from dist_train.clip import ClipPolicy, SpikeSkip, clip_coefficient, scale_grads
 from dist_train.errors import UsageError
 from dist_train.strategies.base import Amp, Strategy
 
-__all__ = ["Amp", "Strategy", "StepMetrics", "folds_clipping", "lm_loss", "train_step"]
+__all__ = ["Amp", "Strategy", "StepMetrics", "folds_clipping", "lm_loss", "train_step", "update_step"]
 
 Batch = Any  # what the loss function takes: (x, y) for `lm_loss`; a task's batch (dist_train.tasks)
 #: (model, batch) -> the mean loss over the batch's samples, or (that loss, {name: 0-dim tensor}) with metrics
@@ -172,27 +172,48 @@ def train_step(
                            clip_coef=coef, threshold=threshold.float(), skipped=~taken, loss_scale=loss_scale,
                            spike_clipped=_spike_clipped(policy, warm, coef, taken), stats=stats, extra=extra)
 
+    loss = loss_sum / n_micro
+    m = update_step(optimizer, params, policy, strategy=strategy, loss=loss, eps=eps, halt=halt, skip=skip,
+                    loss_scale=loss_scale)
+    optimizer.zero_grad(set_to_none=True)
+    m.extra = extra
+    return m
+
+
+def update_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    policy: ClipPolicy,
+    *,
+    strategy: Strategy,
+    loss: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    halt: Optional[torch.Tensor] = None,
+    skip: Optional[SpikeSkip] = None,
+    loss_scale: Optional[torch.Tensor] = None,
+) -> StepMetrics:
+    """Everything after the backward, on the gradients it left: averaged over ranks, the global norm (unscaled),
+    the threshold, spike skipping, the clip, then the optimizer's step or none. Shared by `train_step` and
+    `dist_train.Clipper.step` (a user's own loop): one implementation. The gradients are not zeroed."""
     has_grad = [i for i, p in enumerate(params) if p.grad is not None]
     if not has_grad:  # which parameters hold a gradient is known on the host: no device read
         raise UsageError(NO_GRADIENT)
     with_grad = [params[i] for i in has_grad]
     grads = [p.grad for p in with_grad]
     strategy.average_grads(grads)
-    loss = loss_sum / n_micro
     d = _Decision(policy, skip, strategy, loss, halt, eps, list(zip(with_grad, grads)))
 
     if folds_clipping(optimizer):
         _fused_step(optimizer, grads, d, strategy, loss_scale)
     else:
         _explicit_step(optimizer, grads, d, strategy)
-    optimizer.zero_grad(set_to_none=True)
 
     norms = d.each
     if len(with_grad) != len(params):  # a parameter without a gradient (unused this step): norm 0
         norms = torch.zeros(len(params), dtype=d.each.dtype, device=d.each.device)
         norms[has_grad] = d.each
     return StepMetrics(
-        loss=loss,
+        loss=loss if loss is not None else torch.full((), float("nan"), device=d.raw.device),
         grad_norm_raw=d.raw,
         grad_norm_clipped=d.clipped,
         clip_coef=d.coef,
@@ -203,7 +224,6 @@ def train_step(
         spike_clipped=_spike_clipped(policy, d.warm, d.coef, d.take),
         param_norms=norms,
         stats=d.stats,
-        extra=extra,
     )
 
 
@@ -253,7 +273,9 @@ class _Decision:
         self.take = ok
         if skip is not None:
             stats.update(skip.stats())
-            self.loss_global = self.strategy.mean_over_ranks(self.loss) if skip.on != "norm" else self.loss
+            # Without a loss (a user's loop that judges the norm alone) the window's loss row holds zeros.
+            loss = self.loss if self.loss is not None else torch.zeros_like(raw)
+            self.loss_global = self.strategy.mean_over_ranks(loss) if skip.on != "norm" else loss
             self.spike = skip.spike(raw, self.loss_global) & ok
             self.take = ok & ~self.spike
         self.skipped = ~ok

@@ -1,0 +1,223 @@
+"""Clipper: the trainer's clipping for your own training loop.
+
+    clipper = Clipper("zscore", max_norm=1.0)        # any policy; the options are the config's clip.* keys
+    for step, batch in enumerate(loader, 1):
+        loss = model(**batch).loss
+        loss.backward()                              # or scaler.scale(loss).backward()
+        stats = clipper.step(model, optimizer)       # global norm -> threshold -> clip -> optimizer step, or skip
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            wandb.log(stats.to_dict(), step=step)    # the only host read
+
+`step` runs the same code as dist_train's own step (`dist_train.step.update_step`) on the
+gradients the backward left: already averaged by DDP, or reduce-scattered by FSDP2
+(`fully_shard`), whose norm is each rank's sums of squares plus one all-reduce. With a
+fused optimizer (torch's Adam, AdamW, Adagrad or SGD with fused=True) the clip
+coefficient, the fp16 unscale and the skip decision go into the optimizer's own pass,
+and nothing is read back to the host; any other optimizer takes the explicit path
+(unscale, scale, one host read to decide whether to step). A step whose norm is NaN/Inf,
+or a spike (skip_sigma), leaves parameters, moments and step counts untouched, and
+enters neither the policy's statistics nor the spike window. Given a GradScaler, `step`
+unscales (or folds the unscale in) and updates its scale: do not call scaler.step() or
+scaler.update() yourself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from dist_train.clip import ClipPolicy, SpikeSkip, build_policy, build_spike_skip
+from dist_train.config import ClipConfig, Config, validate
+from dist_train.errors import ConfigError
+from dist_train.metrics import layer_norms as _layer_norms
+from dist_train.step import update_step
+from dist_train.strategies.base import Amp, Strategy
+
+#: Clipper's options: the clip.* config keys (policy is its first argument).
+OPTIONS = tuple(f.name for f in dataclasses.fields(ClipConfig) if f.name != "policy")
+
+
+@dataclass
+class ClipStats:
+    """What one `Clipper.step` measured: 0-dim tensors on the gradients' device, plain (never DTensors) and the
+    same on every rank. Their meanings are the README glossary's; `to_dict()` reads them back."""
+
+    grad_norm_raw: torch.Tensor
+    """Global L2 norm of the (averaged, unscaled) gradients before clipping."""
+    grad_norm_clipped: torch.Tensor
+    """The norm the optimizer applied: raw * clip_coef."""
+    clip_coef: torch.Tensor
+    """min(1, threshold / (raw + eps)); 1: not clipped."""
+    threshold: torch.Tensor
+    """The policy's threshold for this step (inf: none)."""
+    skipped: torch.Tensor
+    """True when the norm was NaN/Inf and the optimizer step was skipped."""
+    spike: Optional[torch.Tensor] = None
+    """True when the step was skipped as a spike (skip_sigma); None without spike skipping."""
+    loss_scale: Optional[torch.Tensor] = None
+    """The GradScaler's scale this step's backward used (None without one)."""
+    param_norms: Optional[torch.Tensor] = None
+    """Each parameter's gradient norm, whole, in the order of `names`."""
+    names: tuple[str, ...] = ()
+    stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """The policy's and the spike window's statistics (clip/ema_mean, clip/spike_limit, ...)."""
+
+    def layer_norms(self) -> dict[str, Optional[float]]:
+        """Each module's gradient norm by name (a host read)."""
+        if self.param_norms is None:
+            raise ValueError("no per-parameter norms were measured for this step")
+        return _layer_norms(self.names, self.param_norms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values, read back to the host (the one read), with metrics.jsonl's keys; NaN/Inf are None."""
+        def num(t: torch.Tensor) -> Optional[float]:
+            v = float(t)
+            return v if math.isfinite(v) else None
+
+        out: dict[str, Any] = {
+            "grad_norm/raw": num(self.grad_norm_raw),
+            "grad_norm/clipped": num(self.grad_norm_clipped),
+            "grad_norm/clip_coef": num(self.clip_coef),
+            "grad_norm/threshold": num(self.threshold),
+            "optim/step_skipped": int(bool(self.skipped)),
+        }
+        if self.spike is not None:
+            out["optim/spike_skipped"] = int(bool(self.spike))
+            if out["optim/spike_skipped"]:
+                out["grad_norm/clipped"] = None  # nothing was applied
+        if self.loss_scale is not None:
+            out["amp/loss_scale"] = num(self.loss_scale)
+        out.update({k: num(v) for k, v in self.stats.items()})
+        return out
+
+
+class _Ranks(Strategy):
+    """The pieces for a user's loop: gradients as the backward left them (DDP averaged them; FSDP2's are
+    sharded DTensors, whose norm base.grad_norms reduces), the user's GradScaler, means over the default group."""
+
+    def mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / dist.get_world_size()
+
+
+class Clipper:
+    """Global-norm clipping, adaptive policies and spike skipping for any training loop (see the module's
+    docstring). `policy`: none | fixed | zscore | percentile | agc; the options are the clip.* config keys
+    (max_norm, warmup_steps, zscore_alpha, skip_sigma, ...), with the same defaults and checks."""
+
+    def __init__(self, policy: str = "fixed", **options: Any):
+        unknown = [k for k in options if k not in OPTIONS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], OPTIONS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"Clipper: unknown option '{unknown[0]}'; {hint}(the options are the clip.* config keys: "
+                              f"{', '.join(OPTIONS)})")
+        self.config = ClipConfig(policy=policy, **options)
+        cfg = Config(clip=self.config)
+        cfg.train.max_steps = 1
+        cfg.data.vocab_size = 32
+        try:
+            validate(cfg)  # the clip.* checks, by their config keys
+        except ConfigError as e:
+            raise ConfigError(f"Clipper: {e}".replace("config key 'clip.", "option '")) from None
+        self.policy: ClipPolicy = build_policy(self.config)
+        self.skip: Optional[SpikeSkip] = build_spike_skip(self.config)
+        self._device: Optional[torch.device] = None
+
+    def _to(self, device: torch.device) -> None:
+        if self._device != device:
+            self.policy = self.policy.to(device)
+            if self.skip is not None:
+                self.skip = self.skip.to(device)
+            self._device = device
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: Optional[torch.amp.GradScaler] = None, loss: Optional[torch.Tensor] = None) -> ClipStats:
+        """Norm, threshold, spike skip, clip and the optimizer's step (or none), on the gradients of `model`'s
+        trainable parameters. `loss` (this step's, on this rank) is needed only for skip_on=loss or both."""
+        optimizer, scaler = _unwrap_accelerate(optimizer, scaler)
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad]) or ((), ())
+        if scaler is not None and scaler.is_enabled():
+            from torch.amp.grad_scaler import OptState
+
+            if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY:
+                raise ConfigError("Clipper.step: scaler.unscale_(optimizer) was already called this step; the "
+                                  "Clipper unscales itself (or folds the unscale into the optimizer): remove that call")
+        if self.config.skip_sigma and self.config.skip_on != "norm" and loss is None:
+            raise ConfigError(f"Clipper.step: skip_on={self.config.skip_on} judges the loss: pass step(..., loss=loss)")
+        first = next((p for p in params if p.grad is not None), None)
+        if first is not None:
+            self._to(_local_device(first.grad))
+        strategy = _Ranks(Amp(scaler=scaler if scaler is not None and scaler.is_enabled() else None))
+        m = update_step(optimizer, list(params), self.policy, strategy=strategy,
+                        loss=loss.detach() if loss is not None else None, eps=self.config.eps, skip=self.skip,
+                        loss_scale=strategy.loss_scale())
+        return ClipStats(grad_norm_raw=m.grad_norm_raw, grad_norm_clipped=m.grad_norm_clipped, clip_coef=m.clip_coef,
+                         threshold=m.threshold, skipped=m.skipped, spike=m.spike, loss_scale=m.loss_scale,
+                         param_norms=m.param_norms, names=tuple(_clean(n) for n in names), stats=m.stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's and the spike window's state (checkpoint it with your model)."""
+        return {"policy": self.config.policy, "state": self.policy.state_dict(),
+                "spike_skip": self.skip.state_dict() if self.skip is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; a state the settings no longer fit (another policy, another window size)
+        starts afresh, with a warning, as the trainer does on resume."""
+        import logging
+
+        log = logging.getLogger("dist_train")
+        if state.get("policy") != self.config.policy:
+            log.warning("Clipper: the saved policy is %s and this one %s: it starts afresh", state.get("policy"),
+                        self.config.policy)
+            return
+        for what, target, saved in (("policy", self.policy, state.get("state")),
+                                    ("spike window", self.skip, state.get("spike_skip"))):
+            if target is None or saved is None:
+                continue
+            try:
+                target.load_state_dict(saved)
+            except ValueError as e:
+                log.warning("Clipper: the saved %s state does not fit these settings (%s): it starts afresh", what, e)
+
+
+def _unwrap_accelerate(optimizer: Any, scaler: Optional[torch.amp.GradScaler]):
+    """An optimizer `accelerator.prepare` returned: the torch optimizer inside it (whose fused step takes the clip
+    coefficient; the wrapper's step would call scaler.step and scaler.update itself) and Accelerate's GradScaler.
+    A step inside Accelerate's accumulation window is refused: its gradients are not yet synchronised."""
+    if type(optimizer).__name__ != "AcceleratedOptimizer" or not hasattr(optimizer, "optimizer"):
+        return optimizer, scaler
+    state = getattr(optimizer, "gradient_state", None)
+    if state is not None and not state.sync_gradients:
+        raise ConfigError("Clipper.step was called inside Accelerate's gradient accumulation window "
+                          "(accelerator.sync_gradients is False): the gradients are not synchronised yet; call it "
+                          "only when accelerator.sync_gradients is True")
+    return optimizer.optimizer, scaler if scaler is not None else getattr(optimizer, "scaler", None)
+
+
+def _local_device(t: torch.Tensor) -> torch.device:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local().device if isinstance(t, DTensor) else t.device
+
+
+def _clean(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (DDP's module., torch.compile's _orig_mod.)."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+__all__: Sequence[str] = ("Clipper", "ClipStats")

@@ -1,0 +1,270 @@
+"""dist_train.Clipper in a user's own loop: the true global norm under DDP and FSDP2, a NaN step skipped with no
+host read and nothing touched, the fp16 scale lowered, bad use refused; each with the mistake it catches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_train import Clipper, ClipStats
+from dist_train.errors import ConfigError, UsageError
+from tests.dist_utils import spawn
+
+STEPS, BATCH, MAX_NORM = 4, 16, 0.3
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 12, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def _reference() -> tuple[list[tuple[float, float]], list[torch.Tensor]]:
+    """One process, the whole batch, clip_grad_norm_ and the same fused AdamW."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    out = []
+    for step in range(STEPS):
+        x, y = _batch(step)
+        F.cross_entropy(model(x), y).backward()
+        raw = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        out.append((raw, raw * min(1.0, MAX_NORM / (raw + 1e-6))))
+        opt.step()
+        opt.zero_grad()
+    return out, [p.detach().clone() for p in model.parameters()]
+
+
+def _user_loop(kind: str) -> dict:
+    """A user's torchrun loop on each rank: DDP or fully_shard, their half of each batch, Clipper.step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        model = _model()
+        if kind == "ddp":
+            model = DDP(model)
+        elif kind == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        clipper = Clipper("fixed", max_norm=MAX_NORM)
+        rows, types, local = [], set(), []
+        for step in range(STEPS):
+            x, y = _batch(step)
+            part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            F.cross_entropy(model(x[part]), y[part]).backward()
+            if kind == "fsdp":  # the negative control: the norm of this rank's shards alone
+                local.append(float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.to_local().norm() for p in model.parameters()]))))
+            stats = clipper.step(model, opt)
+            types.add(type(stats.grad_norm_raw).__name__)
+            d = stats.to_dict()
+            rows.append((d["grad_norm/raw"], d["grad_norm/clipped"]))
+            opt.zero_grad(set_to_none=True)
+        if kind == "fsdp":
+            from dist_train.strategies.base import full
+
+            params = [full(p.detach()).clone() for p in model.parameters()]
+        else:
+            params = [p.detach().clone() for p in model.parameters()]
+        return {"rows": rows, "params": params, "types": types, "local": local}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def loops():
+    return {kind: spawn(_user_loop, 2, kind) for kind in ("ddp", "fsdp", "unsynced")}
+
+
+def test_a_ddp_loop_gets_the_single_process_norm_and_weights(loops):
+    want, params = _reference()
+    for rank in loops["ddp"]:
+        assert rank["types"] == {"Tensor"}
+        for (raw, clipped), (w_raw, w_clipped) in zip(rank["rows"], want):
+            assert raw == pytest.approx(w_raw, rel=1e-5) and clipped == pytest.approx(w_clipped, rel=1e-5)
+        for a, b in zip(rank["params"], params):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert want[0][1] < want[0][0]  # clipping is at work
+
+
+def test_negative_control_one_ranks_norm_misses(loops):
+    """A model without DDP: each rank's Clipper sees its own half-batch gradient, the norm a clipper gets when
+    it clips before (or without) the all-reduce; it misses the global norm."""
+    want, _ = _reference()
+    for rank in loops["unsynced"]:
+        assert abs(rank["rows"][0][0] - want[0][0]) > 1e-3 * want[0][0]
+
+
+def test_an_fsdp2_loop_gets_a_plain_tensor_equal_on_every_rank(loops):
+    want, params = _reference()
+    r0, r1 = loops["fsdp"]
+    assert r0["types"] == {"Tensor"}  # not a DTensor
+    assert r0["rows"] == r1["rows"]  # the same norm on every rank
+    for (raw, _), (w_raw, _) in zip(r0["rows"], want):
+        # The norm over shards, each taken in fp32 (see tests/test_tasks.py): these tensors are small.
+        assert raw == pytest.approx(w_raw, rel=1e-5)
+    assert abs(r0["local"][0] - want[0][0]) > 1e-3 * want[0][0]  # negative control: the local shards' norm
+
+
+# ---- one process ---------------------------------------------------------------------------------------
+def _state(model, opt, clipper):
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()},
+            copy.deepcopy(clipper.state_dict()))
+
+
+def _same(a, b) -> bool:
+    params_a, opt_a, clip_a = a
+    params_b, opt_b, clip_b = b
+    same_tensors = all(torch.equal(x, y) for x, y in zip(params_a, params_b)) and all(
+        torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+
+    def flat(d):
+        return [v for v in (d.values() if isinstance(d, dict) else [d]) for v in (flat(v) if isinstance(v, dict) else [v])]
+
+    same_clip = all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                    for x, y in zip(flat(clip_a), flat(clip_b)))
+    return same_tensors and same_clip
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_a_planted_nan_is_skipped_without_a_host_read_and_touches_nothing(fp16):
+    from tests.test_fused_step import SyncCounter
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    clipper = Clipper("zscore", max_norm=MAX_NORM, warmup_steps=2, skip_sigma=6, skip_window=4, skip_min_steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if fp16 else None
+    counter = SyncCounter()
+    for step in range(6):
+        x, y = _batch(step)
+        if step == 4:
+            x = x * float("nan")
+        loss = F.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        before = _state(model, opt, clipper)
+        scale = scaler.get_scale() if scaler else None
+        with counter:
+            stats = clipper.step(model, opt, scaler=scaler)
+        opt.zero_grad(set_to_none=True)
+        if step == 4:
+            assert isinstance(stats, ClipStats) and stats.to_dict()["optim/step_skipped"] == 1
+            assert _same(before, _state(model, opt, clipper))
+            if scaler:
+                assert scaler.get_scale() < scale  # lowered after the overflow
+        else:
+            assert stats.to_dict()["optim/step_skipped"] == 0 and not _same(before, _state(model, opt, clipper))
+    assert sum(counter.by_step.values()) == 0, counter.by_step
+
+
+def test_the_explicit_path_is_one_read_and_the_same_numbers():
+    """A non-fused optimizer (torch's single-tensor SGD, which reads nothing itself): clip_grad_norm_'s norm, one
+    host read per step, whether to step (the negative control of the counter above: it does see reads)."""
+    from tests.test_fused_step import SyncCounter
+
+    model = _model()
+    slow = torch.optim.SGD(model.parameters(), lr=1e-2, foreach=False)
+    clipper, counter = Clipper("fixed", max_norm=MAX_NORM), SyncCounter()
+    for step in range(STEPS):
+        x, y = _batch(step)
+        F.cross_entropy(model(x), y).backward()
+        want = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        with counter:
+            stats = clipper.step(model, slow)
+        slow.zero_grad()
+        assert stats.to_dict()["grad_norm/raw"] == want
+    assert counter.by_step[0] == STEPS
+
+
+def test_bad_use_is_one_clear_error():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with pytest.raises(UsageError, match="no parameter of the model received a gradient"):
+        Clipper().step(model, opt)
+    with pytest.raises(ConfigError, match="unknown option 'max_nrom'; did you mean 'max_norm'"):
+        Clipper("fixed", max_nrom=1.0)
+    with pytest.raises(ConfigError, match="option 'max_norm': must be finite and > 0"):
+        Clipper("fixed", max_norm=-1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = _batch(0)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(ConfigError, match="unscale_\\(optimizer\\) was already called"):
+        Clipper().step(model, opt, scaler=scaler)
+
+
+def test_state_dict_restores_the_policy_and_the_spike_window():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    options = dict(max_norm=MAX_NORM, warmup_steps=2, skip_sigma=6, skip_window=4, skip_min_steps=2)
+    a = Clipper("zscore", **options)
+    for step in range(4):
+        x, y = _batch(step)
+        F.cross_entropy(model(x), y).backward()
+        a.step(model, opt)
+        opt.zero_grad()
+    b = Clipper("zscore", **options)
+    b.load_state_dict(a.state_dict())
+    x, y = _batch(9)
+    F.cross_entropy(model(x), y).backward()
+    ta = a.policy.next_threshold(torch.device("cpu"))
+    tb = b.policy.next_threshold(torch.device("cpu"))
+    assert torch.equal(ta, tb) and torch.equal(a.skip.limits(), b.skip.limits())
+
+
+def _accelerate_loop() -> dict:
+    """One process, no launcher (in a process of its own: Accelerate's state is a process-wide singleton)."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    from tests.test_fused_step import SyncCounter
+
+    acc = Accelerator(cpu=True)
+    model = _model()
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True))
+    clipper, counter = Clipper("fixed", max_norm=MAX_NORM), SyncCounter()
+    raws = []
+    for step in range(STEPS):
+        x, y = _batch(step)
+        acc.backward(F.cross_entropy(model(x), y))
+        with counter:
+            stats = clipper.step(model, opt)
+        opt.zero_grad()
+        raws.append(stats.to_dict()["grad_norm/raw"])
+    params = [p.detach().clone() for p in acc.unwrap_model(model).parameters()]
+    windowed = Accelerator(cpu=True, gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=2))
+    m2 = _model()
+    m2, o2 = windowed.prepare(m2, torch.optim.AdamW(m2.parameters(), lr=1e-2, fused=True))
+    refused = ""
+    with windowed.accumulate(m2):
+        x, y = _batch(0)
+        windowed.backward(F.cross_entropy(m2(x), y))
+        try:
+            clipper.step(m2, o2)
+        except ConfigError as e:
+            refused = str(e)
+    return {"raws": raws, "params": params, "reads": sum(counter.by_step.values()), "refused": refused}
+
+
+def test_objects_accelerate_prepared_are_unwrapped_and_nothing_is_read_back():
+    """The prepared optimizer's fused AdamW takes the clip coefficient: no host read, the single-process norms and
+    weights; inside an accumulation window the step is refused."""
+    want, params = _reference()
+    (r,) = spawn(_accelerate_loop, 1)
+    assert r["reads"] == 0
+    for raw, (w_raw, _) in zip(r["raws"], want):
+        assert raw == pytest.approx(w_raw, rel=1e-6)
+    for a, b in zip(r["params"], params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert "inside Accelerate's gradient accumulation window" in r["refused"]
