@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from dist_train.clip import ClipPolicy, SpikeSkip, build_policy, build_spike_skip
-from dist_train.config import ClipConfig, Config, validate
+from dist_train.config import ClipConfig, validate_clip
 from dist_train.errors import ConfigError
 from dist_train.metrics import layer_norms as _layer_norms
 from dist_train.step import update_step
@@ -124,11 +124,8 @@ class Clipper:
             raise ConfigError(f"Clipper: unknown option '{unknown[0]}'; {hint}(the options are the clip.* config keys: "
                               f"{', '.join(OPTIONS)})")
         self.config = ClipConfig(policy=policy, **options)
-        cfg = Config(clip=self.config)
-        cfg.train.max_steps = 1
-        cfg.data.vocab_size = 32
         try:
-            validate(cfg)  # the clip.* checks, by their config keys
+            validate_clip(self.config)  # the config's clip.* checks, by their keys
         except ConfigError as e:
             raise ConfigError(f"Clipper: {e}".replace("config key 'clip.", "option '")) from None
         self.policy: ClipPolicy = build_policy(self.config)

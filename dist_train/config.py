@@ -589,7 +589,32 @@ def validate(cfg: Config) -> None:
         _require(t.checkpoint, "train.resume", "resuming needs train.checkpoint=true (a resumed run that never "
                  "checkpoints could not be resumed again)")
     _validate_optim(cfg.optim)
-    c = cfg.clip
+    validate_clip(cfg.clip)
+    _require(cfg.logging.every > 0, "logging.every", f"must be > 0, got {cfg.logging.every}")
+    _require(cfg.logging.per_layer_every >= 0, "logging.per_layer_every",
+             f"must be >= 0, got {cfg.logging.per_layer_every}")
+    _require(cfg.logging.spike_top_k >= 1, "logging.spike_top_k", f"must be >= 1, got {cfg.logging.spike_top_k}")
+    _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
+    _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
+    _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
+    m = cfg.model
+    for key in ("n_layer", "n_head", "d_model", "block_size"):
+        v = getattr(m, key)
+        _require(v > 0, f"model.{key}", f"must be > 0, got {v}")
+    _require(m.d_model % m.n_head == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_head={m.n_head}")
+    _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.factory is not None:
+        _require(_spec_ok(m.factory), "model.factory", f"'{m.factory}' is not of the form 'package.module:function'")
+    if cfg.task.loss is not None:
+        _require(_spec_ok(cfg.task.loss), "task.loss", f"'{cfg.task.loss}' is not of the form 'package.module:function'")
+    _validate_data(cfg)
+    e = cfg.eval
+    _require(e.every is None or e.every >= 0, "eval.every", f"must be >= 0 (0: never), got {e.every}")
+    _require(e.max_batches is None or e.max_batches >= 1, "eval.max_batches", f"must be >= 1, got {e.max_batches}")
+
+
+def validate_clip(c: ClipConfig) -> None:
+    """The clip.* checks (also dist_train.Clipper's, by the same keys)."""
     _require(c.policy in POLICY_NAMES, "clip.policy",
              f"unknown policy '{c.policy}'; choose one of {', '.join(POLICY_NAMES)}")
     _finite(c.max_norm, "clip.max_norm", 0)
@@ -618,27 +643,6 @@ def validate(cfg: Config) -> None:
         "clip.max_consecutive_nonfinite",
         f"must be > 0, got {c.max_consecutive_nonfinite}",
     )
-    _require(cfg.logging.every > 0, "logging.every", f"must be > 0, got {cfg.logging.every}")
-    _require(cfg.logging.per_layer_every >= 0, "logging.per_layer_every",
-             f"must be >= 0, got {cfg.logging.per_layer_every}")
-    _require(cfg.logging.spike_top_k >= 1, "logging.spike_top_k", f"must be >= 1, got {cfg.logging.spike_top_k}")
-    _require(bool(cfg.run.out_dir), "run.out_dir", "must not be empty")
-    _finite(cfg.dist.timeout_s, "dist.timeout_s", 0, hi=MAX_TIMEOUT_S)
-    _require(cfg.dist.check_sync_every >= 0, "dist.check_sync_every", f"must be >= 0, got {cfg.dist.check_sync_every}")
-    m = cfg.model
-    for key in ("n_layer", "n_head", "d_model", "block_size"):
-        v = getattr(m, key)
-        _require(v > 0, f"model.{key}", f"must be > 0, got {v}")
-    _require(m.d_model % m.n_head == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_head={m.n_head}")
-    _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if m.factory is not None:
-        _require(_spec_ok(m.factory), "model.factory", f"'{m.factory}' is not of the form 'package.module:function'")
-    if cfg.task.loss is not None:
-        _require(_spec_ok(cfg.task.loss), "task.loss", f"'{cfg.task.loss}' is not of the form 'package.module:function'")
-    _validate_data(cfg)
-    e = cfg.eval
-    _require(e.every is None or e.every >= 0, "eval.every", f"must be >= 0 (0: never), got {e.every}")
-    _require(e.max_batches is None or e.max_batches >= 1, "eval.max_batches", f"must be >= 1, got {e.max_batches}")
 
 
 def _spec_ok(spec: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
+
 from dist_train.metrics import Sink, Window, _num, layer_norms, make_record, spike_record
 from dist_train.progress import ProgressReporter, num
 from dist_train.step import StepMetrics
@@ -28,8 +30,9 @@ class Rows:
         s = self.s
         total, consecutive, spikes, _ = counts
         record = None
-        loss = s.dist.mean(m.loss)  # collective: every rank takes part
-        own = {f"train/{k}": s.dist.mean(v) for k, v in m.extra.items()}  # the loss function's metrics
+        # The loss and the loss function's own metrics (accuracy), averaged over ranks in one collective.
+        means = s.dist.mean(torch.stack([m.loss.float(), *m.extra.values()]))
+        loss, own = means[0], {f"train/{k}": v for k, v in zip(m.extra, means[1:])}
         if s.dist.is_main:
             record = make_record(step=n, loss=loss, m=m, window=self.window, lr=lr, skipped_total=total,
                                  tokens_per_sample=s.task.tokens_per_sample, t_end=t_end,
