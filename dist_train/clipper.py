@@ -71,7 +71,8 @@ class ClipStats:
     def layer_norms(self) -> dict[str, Optional[float]]:
         """Each module's gradient norm by name (a host read)."""
         if self.param_norms is None:
-            raise ValueError("no per-parameter norms were measured for this step")
+            raise ValueError("no per-parameter norms were measured for this step (a DeepSpeed engine computes the "
+                             "norm inside its step and gives only the total)")
         return _layer_norms(self.names, self.param_norms)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +132,7 @@ class Clipper:
         self.policy: ClipPolicy = build_policy(self.config)
         self.skip: Optional[SpikeSkip] = build_spike_skip(self.config)
         self._device: Optional[torch.device] = None
+        self._engine: Any = None  # the EngineClip of the DeepSpeed engine last stepped, if any
 
     def _to(self, device: torch.device) -> None:
         if self._device != device:
@@ -139,10 +141,16 @@ class Clipper:
                 self.skip = self.skip.to(device)
             self._device = device
 
-    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def step(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
              scaler: Optional[torch.amp.GradScaler] = None, loss: Optional[torch.Tensor] = None) -> ClipStats:
         """Norm, threshold, spike skip, clip and the optimizer's step (or none), on the gradients of `model`'s
-        trainable parameters. `loss` (this step's, on this rank) is needed only for skip_on=loss or both."""
+        trainable parameters. `loss` (this step's, on this rank) is needed only for skip_on=loss or both.
+        `model` may be a DeepSpeed engine: `clipper.step(engine)` then replaces `engine.step()` at the
+        accumulation boundary (see `_engine_step`)."""
+        if _is_deepspeed_engine(model):
+            return self._engine_step(model, optimizer, scaler)
+        if optimizer is None:
+            raise ConfigError("Clipper.step(model, optimizer): pass the optimizer that steps model's parameters")
         optimizer, scaler = _unwrap_accelerate(optimizer, scaler)
         names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad]) or ((), ())
         if scaler is not None and scaler.is_enabled():
@@ -163,6 +171,43 @@ class Clipper:
         return ClipStats(grad_norm_raw=m.grad_norm_raw, grad_norm_clipped=m.grad_norm_clipped, clip_coef=m.clip_coef,
                          threshold=m.threshold, skipped=m.skipped, spike=m.spike, loss_scale=m.loss_scale,
                          param_norms=m.param_norms, names=tuple(_clean(n) for n in names), stats=m.stats)
+
+    def _engine_step(self, engine: Any, optimizer: Any, scaler: Any) -> ClipStats:
+        """A DeepSpeed engine reduces (or reduce-scatters), unscales, clips and updates inside its own step: the
+        policy's threshold (from past norms alone) is handed to it before that step, and its own global norm
+        and skip decision are read back after it, as dist_train's DeepSpeed strategy does (one implementation:
+        `EngineClip`). Policies that need this step's norm before the update (agc, spike skipping) are refused."""
+        from dist_train.step import engine_update
+        from dist_train.strategies.deepspeed import EngineClip, check_clip
+
+        if scaler is not None:
+            raise ConfigError("Clipper.step(engine): DeepSpeed's engine scales the fp16 loss itself; do not pass a "
+                              "GradScaler")
+        if optimizer is not None and optimizer is not engine.optimizer and \
+                getattr(engine.optimizer, "optimizer", None) is not optimizer:
+            raise ConfigError("Clipper.step(engine, optimizer): this optimizer is not the engine's; call "
+                              "clipper.step(engine)")
+        if self._engine is None or self._engine.engine is not engine:
+            try:
+                check_clip(self.config, self.policy, "clip a DDP or FSDP2 model with clipper.step(model, optimizer)")
+            except ConfigError as e:
+                raise ConfigError(f"Clipper.step(engine): {e}".replace("config key 'clip.", "option '")) from None
+            clip = EngineClip(engine)
+            why = clip.refusal()
+            if why is not None:
+                raise ConfigError(f"Clipper.step(engine): DeepSpeed's {why}")
+            self._engine = clip
+        if not engine.is_gradient_accumulation_boundary():
+            raise ConfigError("Clipper.step(engine) was called inside DeepSpeed's gradient accumulation window: call "
+                              "engine.step() after the micro-batches before the boundary, and clipper.step(engine) "
+                              "only where engine.is_gradient_accumulation_boundary() is True")
+        clip = self._engine
+        self._to(clip.device)
+        m = engine_update(self.policy, clip.step, clip.device, clip.loss_scale())
+        names = tuple(_clean(n) for n, p in engine.module.named_parameters() if p.requires_grad)
+        return ClipStats(grad_norm_raw=m.grad_norm_raw, grad_norm_clipped=m.grad_norm_clipped, clip_coef=m.clip_coef,
+                         threshold=m.threshold, skipped=m.skipped, loss_scale=m.loss_scale, names=names,
+                         stats=m.stats)
 
     def state_dict(self) -> dict[str, Any]:
         """The policy's and the spike window's state (checkpoint it with your model)."""
@@ -201,6 +246,13 @@ def _unwrap_accelerate(optimizer: Any, scaler: Optional[torch.amp.GradScaler]):
                           "(accelerator.sync_gradients is False): the gradients are not synchronised yet; call it "
                           "only when accelerator.sync_gradients is True")
     return optimizer.optimizer, scaler if scaler is not None else getattr(optimizer, "scaler", None)
+
+
+def _is_deepspeed_engine(model: Any) -> bool:
+    import sys
+
+    ds = sys.modules.get("deepspeed")  # an engine exists only once deepspeed was imported
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
 
 
 def _local_device(t: torch.Tensor) -> torch.device:

@@ -46,7 +46,8 @@ from dist_train.clip import ClipPolicy, SpikeSkip, clip_coefficient, scale_grads
 from dist_train.errors import UsageError
 from dist_train.strategies.base import Amp, Strategy
 
-__all__ = ["Amp", "Strategy", "StepMetrics", "folds_clipping", "lm_loss", "train_step", "update_step"]
+__all__ = ["Amp", "Strategy", "StepMetrics", "engine_update", "folds_clipping", "lm_loss", "train_step",
+           "update_step"]
 
 Batch = Any  # what the loss function takes: (x, y) for `lm_loss`; a task's batch (dist_train.tasks)
 #: (model, batch) -> the mean loss over the batch's samples, or (that loss, {name: 0-dim tensor}) with metrics
@@ -159,20 +160,12 @@ def train_step(
 
     loss_scale = strategy.loss_scale()  # the scale this step's backward used (fp16)
 
-    if strategy.engine_steps:
-        # The engine reduces, unscales, clips and updates; the threshold comes from past norms only.
-        threshold = policy.next_threshold(loss_sum.device)
-        stats, warm = policy.stats(), policy.warm()
-        raw, clipped, skipped = strategy.engine_step(threshold)
-        taken = torch.tensor(not skipped, device=raw.device)
-        policy.observe(raw, taken)
-        # Derived from the engine's arithmetic (it reports neither): min(raw, threshold), up to its eps.
-        coef = torch.where(raw == 0, torch.ones_like(raw), clipped / raw)
-        return StepMetrics(loss=loss_sum / n_micro, grad_norm_raw=raw, grad_norm_clipped=clipped,
-                           clip_coef=coef, threshold=threshold.float(), skipped=~taken, loss_scale=loss_scale,
-                           spike_clipped=_spike_clipped(policy, warm, coef, taken), stats=stats, extra=extra)
-
     loss = loss_sum / n_micro
+    if strategy.engine_steps:
+        m = engine_update(policy, strategy.engine_step, loss.device, loss_scale)
+        m.loss, m.extra = loss, extra
+        return m
+
     m = update_step(optimizer, params, policy, strategy=strategy, loss=loss, eps=eps, halt=halt, skip=skip,
                     loss_scale=loss_scale)
     optimizer.zero_grad(set_to_none=True)
@@ -225,6 +218,24 @@ def update_step(
         param_norms=norms,
         stats=d.stats,
     )
+
+
+def engine_update(policy: ClipPolicy, engine_step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, bool]],
+                  device: torch.device, loss_scale: Optional[torch.Tensor] = None) -> StepMetrics:
+    """Everything after the backward where an engine reduces, unscales, clips and updates (DeepSpeed: the
+    strategy's `engine_step`, `dist_train.strategies.deepspeed.EngineClip.step`): the threshold comes from past norms only and is handed over before the engine's
+    step, which reports this step's raw norm and whether it skipped. Shared by `train_step` and
+    `dist_train.Clipper.step(engine)`."""
+    threshold = policy.next_threshold(device)
+    stats, warm = policy.stats(), policy.warm()
+    raw, clipped, skipped = engine_step(threshold)
+    taken = torch.tensor(not skipped, device=raw.device)
+    policy.observe(raw, taken)
+    # Derived from the engine's arithmetic (it reports neither): min(raw, threshold), up to its eps.
+    coef = torch.where(raw == 0, torch.ones_like(raw), clipped / raw)
+    return StepMetrics(loss=torch.full((), float("nan"), device=raw.device), grad_norm_raw=raw,
+                       grad_norm_clipped=clipped, clip_coef=coef, threshold=threshold.float(), skipped=~taken,
+                       loss_scale=loss_scale, spike_clipped=_spike_clipped(policy, warm, coef, taken), stats=stats)
 
 
 NO_GRADIENT = ("no parameter of the model received a gradient from the loss: the loss does not depend on the "

@@ -284,7 +284,7 @@ def own_loop_runs():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_"))}
     env["PYTHONPATH"] = str(ROOT)
     out = {}
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("fp16", ["--fp16"])):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "examples/own_loop_ddp.py", "--steps", "8", *extra], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -294,8 +294,8 @@ def own_loop_runs():
 
 
 def test_the_own_loop_example_runs_under_torchrun(own_loop_runs):
-    """The example's first raw norm is the whole batch's gradient norm on one process (computed here), and its
-    DDP and FSDP2 runs agree step by step."""
+    """The example's first raw norm is the whole batch's gradient norm on one process (computed here), its DDP
+    and FSDP2 runs agree step by step, and with --fp16 the norm is the unscaled one."""
     import sys
 
     from tests.conftest import ROOT
@@ -313,3 +313,197 @@ def test_the_own_loop_example_runs_under_torchrun(own_loop_runs):
     for a, b in zip(ddp, fsdp):
         assert a["grad_norm/raw"] == pytest.approx(b["grad_norm/raw"], rel=1e-5)
         assert a["grad_norm/clipped"] == pytest.approx(b["grad_norm/clipped"], rel=1e-5)
+    fp16 = own_loop_runs["fp16"]  # GradScaler: the unscaled norm, and fp16 was really on
+    assert fp16[0]["amp/loss_scale"] == 65536.0 and "amp/loss_scale" not in ddp[0]
+    assert fp16[0]["grad_norm/raw"] == pytest.approx(_first_norm(fp16=True), rel=2e-3)
+
+
+def _deepspeed_loop() -> dict:
+    """A user's DeepSpeed loop on each rank: ZeRO-2 in fp32, `clipper.step(engine)` in place of `engine.step()`."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+
+    def engine(clipping: float = 0.0, accum: int = 1):
+        model = _model()
+        config = {"train_batch_size": BATCH, "gradient_accumulation_steps": accum,
+                  "train_micro_batch_size_per_gpu": BATCH // (world * accum), "zero_optimization": {"stage": 2},
+                  "gradient_clipping": clipping}
+        eng, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                            config=config)
+        return eng
+
+    def delta(eng, before) -> float:
+        return float(torch.linalg.vector_norm(torch.stack(
+            [(p.detach() - b).norm() for p, b in zip(eng.module.parameters(), before)])))
+
+    def refused(clipper, eng) -> str:
+        try:
+            clipper.step(eng)
+        except ConfigError as e:
+            return str(e)
+        return ""
+
+    try:
+        eng, clipper, rows = engine(), Clipper("fixed", max_norm=MAX_NORM), []
+        for step in range(STEPS):
+            x, y = _batch(step)
+            eng.backward(F.cross_entropy(eng(x[part]), y[part]))
+            d = clipper.step(eng).to_dict()
+            rows.append((d["grad_norm/raw"], d["grad_norm/clipped"]))
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = [safe_get_full_fp32_param(p).clone() for p in eng.module.parameters()]
+        # The threshold reaches the engine: 1e-9 against the engine's own unclipped step (gradient_clipping 0);
+        # a two-micro-batch window, in which a Clipper step before the boundary is refused.
+        x, y = _batch(0)
+        updates, window = {}, ""
+        for name, clip in (("tiny", Clipper("fixed", max_norm=1e-9)), ("unclipped", None)):
+            eng = engine(accum=2)
+            before = [p.detach().clone() for p in eng.module.parameters()]
+            for i, half in enumerate(torch.arange(BATCH)[part].chunk(2)):
+                eng.backward(F.cross_entropy(eng(x[half]), y[half]))
+                if i == 0:
+                    window = window or (refused(clip, eng) if clip is not None else "")
+                    eng.step()
+            clip.step(eng) if clip is not None else eng.step()
+            updates[name] = delta(eng, before)
+        wrong = {p: refused(Clipper(p, **kw), eng) for p, kw in (("agc", {}), ("fixed", {"skip_sigma": 4.0}))}
+        dist.barrier()
+        return {"rows": rows, "params": params, "updates": updates, "window": window, "wrong": wrong}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def deepspeed_loop():
+    pytest.importorskip("deepspeed")
+    return spawn(_deepspeed_loop, 2, timeout=600)
+
+
+def test_a_deepspeed_loop_gets_the_engines_true_norm_and_the_single_process_weights(deepspeed_loop):
+    """clipper.step(engine) under ZeRO-2: the engine's norm over the partitions is the whole batch's norm on one
+    process, the threshold the engine applied is the Clipper's (clipped = min(raw, MAX_NORM)), and the weights
+    are clip_grad_norm_'s single-process ones."""
+    want, params = _reference()
+    for rank in deepspeed_loop:
+        for (raw, clipped), (w_raw, w_clipped) in zip(rank["rows"], want):
+            assert raw == pytest.approx(w_raw, rel=1e-5)
+            assert clipped == pytest.approx(w_clipped, rel=1e-5)
+        for a, b in zip(rank["params"], params):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(w_raw > MAX_NORM for w_raw, _ in want)  # the threshold acted on some step
+
+
+def test_a_tiny_threshold_reaches_the_engine_and_misuse_is_refused(deepspeed_loop):
+    """max_norm=1e-9 shrinks AdamW's first update (g / (|g| + eps) with |g| far below eps) against the engine's
+    own unclipped step: the mistake it catches is a threshold never handed to the engine."""
+    for rank in deepspeed_loop:
+        assert rank["updates"]["tiny"] < 0.2 * rank["updates"]["unclipped"], rank["updates"]
+        assert "inside DeepSpeed's gradient accumulation window" in rank["window"]
+        assert "'agc' needs per-parameter gradients" in rank["wrong"]["agc"]
+        assert "option 'skip_sigma'" in rank["wrong"]["fixed"]
+
+
+def _accelerate_fp16(skip_unscale: bool) -> dict:
+    """One process, Accelerate in fp16 on the CPU (torch's CPU GradScaler, as Accelerate makes on a GPU): the
+    Clipper's first raw norm against the unscaled norm of the same fp16 forward computed here. `skip_unscale`:
+    the negative control, a Clipper that takes the norm before the unscale."""
+    import copy as _copy
+
+    from accelerate import Accelerator
+
+    import dist_train.step
+
+    if skip_unscale:
+        dist_train.step.unscaled_norm = lambda norm, scale: norm
+    acc = Accelerator(cpu=True, mixed_precision="fp16")
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")  # Accelerate 1.x turns fp16 off on a CPU
+    model = _model()
+    twin = _copy.deepcopy(model)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True))
+    x, y = _batch(0)
+    acc.backward(F.cross_entropy(model(x), y))
+    stats = Clipper("fixed", max_norm=MAX_NORM).step(model, opt)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(twin(x), y)
+    loss.float().backward()
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]))
+    return {"raw": stats.to_dict()["grad_norm/raw"], "scale": stats.to_dict()["amp/loss_scale"], "want": want}
+
+
+def test_accelerate_fp16_logs_and_clips_the_unscaled_norm():
+    """The norm of Accelerate's fp16 gradients is the unscaled one (GradScaler's scale is a power of two, so
+    equal up to fp16 rounding of the scaled backward); a Clipper that skips the unscale reports scale x that."""
+    (good,), (bad,) = spawn(_accelerate_fp16, 1, False), spawn(_accelerate_fp16, 1, True)
+    assert good["scale"] == 65536.0  # fp16 was really on
+    assert good["raw"] == pytest.approx(good["want"], rel=1e-3)
+    assert bad["raw"] != pytest.approx(bad["want"], rel=1e-3)  # the negative control fails the same check
+    assert bad["raw"] == pytest.approx(good["raw"] * 65536.0, rel=1e-3)
+
+
+def _launched(cmd: list[str], **env: str) -> list[dict]:
+    """An example under its launcher, fresh; the JSON lines rank 0 printed."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_",
+                                                                        "ACCELERATE_", "LOCAL_RANK"))}
+    base["PYTHONPATH"] = str(ROOT)
+    p = subprocess.run(cmd, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+
+def _first_norm(fp16: bool = False) -> float:
+    """The examples' first step on one process: the whole batch's gradient norm (fp16: under CPU autocast)."""
+    import contextlib
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from own_loop_ddp import batch, model
+
+    net = model()
+    x, y = batch(1)
+    with torch.autocast("cpu", dtype=torch.float16) if fp16 else contextlib.nullcontext():
+        loss = F.cross_entropy(net(x), y)
+    loss.float().backward()
+    return float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
+
+
+def test_the_accelerate_example_runs_under_accelerate_launch_in_fp16():
+    """examples/own_loop_accelerate.py, 2 CPU processes, fp16, 2 micro-batches a step: the first raw norm is the
+    whole batch's unscaled one, and the loss scale shows fp16 was on."""
+    import sys
+
+    rows = _launched([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                      "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "fp16",
+                      "examples/own_loop_accelerate.py", "--steps", "6"], ACCELERATE_USE_CPU="true")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[0]["amp/loss_scale"] == 65536.0
+    assert rows[0]["grad_norm/raw"] == pytest.approx(_first_norm(fp16=True), rel=2e-3)
+    assert all(r["optim/step_skipped"] == 0 for r in rows)
+
+
+def test_the_deepspeed_example_runs_under_deepspeeds_launcher():
+    """examples/own_loop_deepspeed.py through `deepspeed`, 2 processes, ZeRO-2 with 2 micro-batches a step: the
+    engine's first norm is the whole batch's gradient norm on one process."""
+    import sys
+
+    pytest.importorskip("deepspeed")
+    from tests.dist_utils import free_port
+
+    rows = _launched([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                      f"--master_port={free_port()}", "examples/own_loop_deepspeed.py", "--steps", "6",
+                      "--accum", "2"])
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[0]["grad_norm/raw"] == pytest.approx(_first_norm(), rel=1e-5)
+    assert rows[0]["grad_norm/threshold"] == 1.0 and all(r["optim/step_skipped"] == 0 for r in rows)

@@ -42,10 +42,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from dist_train.config import Config, OptimName, Precision, betas
+from dist_train.clip import ClipPolicy, clip_coefficient
+from dist_train.config import ClipConfig, Config, OptimName, Precision, betas
 from dist_train.errors import ConfigError, TrainingError, UsageError
 from dist_train.strategies import env_true
-from dist_train.clip import clip_coefficient
 from dist_train.strategies.base import OptimizerFactory, Strategy, global_norm
 
 #: What dist.deepspeed_config=null means: the same as configs/deepspeed/zero2.json.
@@ -192,21 +192,7 @@ def deepspeed_config(cfg: Config, world_size: Optional[int] = None, env: Mapping
             "micro-batches per rank; set it to \"auto\" so dist_train fills it from the world size")
 
     policy = build_policy(cfg.clip)
-    if policy.needs_current_norm or policy.needs_parameters:
-        need = "this step's gradient norm before clipping" if policy.needs_current_norm else "per-parameter gradients"
-        raise ConfigError(
-            f"config key 'clip.policy': '{policy.name}' needs {need}, which DeepSpeed's engine does not give (it clips "
-            "inside its own step, over partitioned gradients, and a ZeRO partition breaks a weight's rows); use a "
-            "policy whose threshold depends on past norms only (fixed, zscore, percentile), or dist.strategy=ddp "
-            "or fsdp")
-    if cfg.clip.skip_sigma:
-        raise ConfigError(
-            "config key 'clip.skip_sigma': spike skipping decides from this step's gradient norm before the update, "
-            "and DeepSpeed's engine computes that norm inside its own step, which then updates; remove "
-            "clip.skip_sigma (an adaptive clip.policy still works), or use dist.strategy=ddp or fsdp")
-    if cfg.clip.eps != 1e-6:
-        raise ConfigError("config key 'clip.eps': DeepSpeed's engine clips with eps 1e-6 and cannot be told "
-                          "another; remove clip.eps (or set it to 1e-6)")
+    check_clip(cfg.clip, policy, "dist.strategy=ddp or fsdp")
     threshold = float(policy.next_threshold(torch.device("cpu")))
     b.own("gradient_clipping", "clip.max_norm" if policy.clips else "clip.policy=none",
           threshold if math.isfinite(threshold) else 0.0)
@@ -308,6 +294,108 @@ def _auto_left(node: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "auto" else []
 
 
+def check_clip(clip: ClipConfig, policy: ClipPolicy, instead: str) -> None:
+    """The clip settings DeepSpeed's engine can honour: it computes the norm and clips inside its own step, which
+    then updates, so the threshold must come from past norms alone. `instead`: the alternative to name."""
+    if policy.needs_current_norm or policy.needs_parameters:
+        need = "this step's gradient norm before clipping" if policy.needs_current_norm else "per-parameter gradients"
+        raise ConfigError(
+            f"config key 'clip.policy': '{policy.name}' needs {need}, which DeepSpeed's engine does not give (it clips "
+            "inside its own step, over partitioned gradients, and a ZeRO partition breaks a weight's rows); use a "
+            f"policy whose threshold depends on past norms only (fixed, zscore, percentile), or {instead}")
+    if clip.skip_sigma:
+        raise ConfigError(
+            "config key 'clip.skip_sigma': spike skipping decides from this step's gradient norm before the update, "
+            "and DeepSpeed's engine computes that norm inside its own step, which then updates; remove "
+            f"clip.skip_sigma (an adaptive clip.policy still works), or use {instead}")
+    if clip.eps != 1e-6:
+        raise ConfigError("config key 'clip.eps': DeepSpeed's engine clips with eps 1e-6 and cannot be told "
+                          "another; remove clip.eps (or set it to 1e-6)")
+
+
+class EngineClip:
+    """The part of a step after the last backward, done by a DeepSpeed engine at a threshold dist_train chose
+    (the module's docstring says how): one implementation for the trainer's DeepSpeed strategies and for
+    `Clipper.step(engine)` in a user's loop. Built once per engine."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.stage = int(engine.zero_optimization_stage())
+        self.precision = (Precision.fp16 if engine.fp16_enabled() else
+                          Precision.bf16 if engine.bfloat16_enabled() else Precision.no)
+        self.device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+        # Stage 0 in fp32 hands the step to the torch optimizer and keeps no norm: dist_train computes it, and
+        # a step whose norm is NaN/Inf must not reach the optimizer (the engine has no such check there).
+        self.own_norm = self.stage == 0 and self.precision == Precision.no
+        self._skip_update = False
+        if self.own_norm:
+            optimizer = engine.optimizer
+            inner = optimizer.step
+
+            def step(opt, *args, **kwargs):
+                return None if self._skip_update else inner(*args, **kwargs)
+
+            optimizer.step = types.MethodType(step, optimizer)  # a bound method, as LR schedulers expect
+
+    def refusal(self) -> Optional[str]:
+        """Why this engine cannot report a true norm (None: it can); the config refuses these before building."""
+        engine = self.engine
+        if self.stage == 0 and self.precision == Precision.fp16:
+            return ("ZeRO stage 0 in fp16: DeepSpeed's engine does not scale the loss for its stage-0 fp16 optimizer, "
+                    "which then divides the unscaled gradients by the loss scale and clips at that many times the "
+                    "threshold; use stage 1-3 for fp16, or bf16")
+        if self.stage > 0 and not engine.zero_compute_grad_norm():
+            return "zero_optimization.compute_grad_norm=false leaves no gradient norm to log or clip; remove it"
+        if self.precision == Precision.bf16 and not engine._config.bfloat16_config.check_grad_overflow:
+            return "bf16.check_grad_overflow=false lets a NaN/Inf gradient reach the weights; remove it"
+        return None
+
+    def loss_scale(self) -> Optional[torch.Tensor]:
+        if self.precision != Precision.fp16:
+            return None
+        return torch.tensor(self._scale(), device=self.device)
+
+    def step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Clip at `threshold` and update, inside the engine: (this step's raw norm, the norm of the
+        gradients the engine applied, skipped). Norms are NaN on a skipped step."""
+        engine = self.engine
+        value = float(threshold)
+        clip = value if math.isfinite(value) else 0.0  # 0: DeepSpeed does not clip
+        engine._config.gradient_clipping = clip  # read by stage 0's fp32 path at every step
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = clip  # the wrapped optimizers' own copy (stages 1-3, bf16, fp16)
+        if self.own_norm:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            raw = global_norm(grads)  # whole, all-reduced gradients on every rank: no collective
+            self._skip_update = skipped = not bool(torch.isfinite(raw))
+            try:
+                engine.step()
+            finally:
+                self._skip_update = False
+            return raw, raw * clip_coefficient(raw, threshold.to(raw.dtype), 1e-6), skipped
+        scale_before = self._scale()
+        engine.step()
+        nan = torch.full((), math.nan, device=self.device)
+        if not engine.was_step_applied():
+            return nan, nan, True
+        norm = engine.get_global_grad_norm()
+        if norm is None or not math.isfinite(float(norm)) or float(norm) < 0:
+            raise TrainingError(f"DeepSpeed {_version()} applied an update but reports its gradient norm as {norm}; "
+                                "dist_train cannot log a true norm for this step")
+        # ZeRO-3 in fp16 divides the norm by the loss scale after raising it (a step that grows the
+        # scale): the norm it reports, and clips by, is then `growth` times too small, and unclipped
+        # gradients are applied divided by `growth`. Undo it for raw; report what was applied.
+        growth = self._scale() / scale_before if self.stage == 3 and self.precision == Precision.fp16 else 1.0
+        raw = float(norm) * growth
+        # The engine's clip: coef = threshold / (its norm + 1e-6) when below 1, on gradients unscaled by its scale.
+        applied = raw / (growth * max(1.0, (raw / growth + 1e-6) / clip)) if clip > 0 else raw / growth
+        return (torch.tensor(raw, dtype=torch.float32, device=self.device),
+                torch.tensor(applied, dtype=torch.float32, device=self.device), False)
+
+    def _scale(self) -> float:
+        return float(self.engine._get_optimizer_loss_scale()) if self.precision == Precision.fp16 else 1.0
+
+
 class DeepSpeedStrategy(Strategy):
     """`deepspeed.initialize` around the model and dist_train's torch optimizer; see the module's docstring."""
 
@@ -324,10 +412,8 @@ class DeepSpeedStrategy(Strategy):
         self.config, self.precision = deepspeed_config(cfg, dist.world_size)
         self.stage = self.config["zero_optimization"]["stage"]
         self.replicated = self.stage == 0
-        # Stage 0 in fp32 hands the step to the torch optimizer and keeps no norm.
-        self.own_norm = self.stage == 0 and self.precision == Precision.no
         self.engine = None
-        self._skip_update = False
+        self.clip: Optional[EngineClip] = None
 
     def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory):
         from dist_train.distributed import one_process_group
@@ -335,14 +421,7 @@ class DeepSpeedStrategy(Strategy):
         one_process_group(self.device)  # one process (no launcher, or one process): DeepSpeed still needs a group
         optimizer = make_optimizer(list(model.parameters()))
         self.engine = engine = self._initialize(model, optimizer)
-        if self.own_norm:
-            # The engine would step on a NaN/Inf gradient here: the step dist_train skips never reaches AdamW.
-            inner = optimizer.step
-
-            def step(opt, *args, **kwargs):
-                return None if self._skip_update else inner(*args, **kwargs)
-
-            optimizer.step = types.MethodType(step, optimizer)  # a bound method, as LR schedulers expect
+        self.clip = EngineClip(engine)
         # The scheduler and the trainer see the torch AdamW: its param_groups are the engine's.
         return engine, optimizer
 
@@ -378,47 +457,10 @@ class DeepSpeedStrategy(Strategy):
         return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
     def loss_scale(self) -> Optional[torch.Tensor]:
-        if self.precision != Precision.fp16:
-            return None
-        return torch.tensor(self._scale(), device=self.device)
+        return self.clip.loss_scale()
 
     def engine_step(self, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Clip at `threshold` and update, inside the engine: (this step's raw norm, the norm of the
-        gradients the engine applied, skipped). Norms are NaN on a skipped step."""
-        engine = self.engine
-        value = float(threshold)
-        clip = value if math.isfinite(value) else 0.0  # 0: DeepSpeed does not clip
-        engine._config.gradient_clipping = clip  # read by stage 0's fp32 path at every step
-        if hasattr(engine.optimizer, "clip_grad"):
-            engine.optimizer.clip_grad = clip  # the wrapped optimizers' own copy (stages 1-3, bf16, fp16)
-        if self.own_norm:
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            raw = global_norm(grads)  # whole, all-reduced gradients on every rank: no collective
-            self._skip_update = skipped = not bool(torch.isfinite(raw))
-            engine.step()
-            self._skip_update = False
-            return raw, raw * clip_coefficient(raw, threshold.to(raw.dtype), 1e-6), skipped
-        scale_before = self._scale()
-        engine.step()
-        nan = torch.full((), math.nan, device=self.device)
-        if not engine.was_step_applied():
-            return nan, nan, True
-        norm = engine.get_global_grad_norm()
-        if norm is None or not math.isfinite(float(norm)) or float(norm) < 0:
-            raise TrainingError(f"DeepSpeed {_version()} applied an update but reports its gradient norm as {norm}; "
-                                "dist_train cannot log a true norm for this step")
-        # ZeRO-3 in fp16 divides the norm by the loss scale after raising it (a step that grows the
-        # scale): the norm it reports, and clips by, is then `growth` times too small, and unclipped
-        # gradients are applied divided by `growth`. Undo it for raw; report what was applied.
-        growth = self._scale() / scale_before if self.stage == 3 and self.precision == Precision.fp16 else 1.0
-        raw = float(norm) * growth
-        # The engine's clip: coef = threshold / (its norm + 1e-6) when below 1, on gradients unscaled by its scale.
-        applied = raw / (growth * max(1.0, (raw / growth + 1e-6) / clip)) if clip > 0 else raw / growth
-        return (torch.tensor(raw, dtype=torch.float32, device=self.device),
-                torch.tensor(applied, dtype=torch.float32, device=self.device), False)
-
-    def _scale(self) -> float:
-        return float(self.engine._get_optimizer_loss_scale()) if self.precision == Precision.fp16 else 1.0
+        return self.clip.step(threshold)
 
     # ---- beyond the step -------------------------------------------------------------------
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
