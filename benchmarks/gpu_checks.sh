@@ -10,6 +10,9 @@
 #     DeepSpeed; each run's metrics.jsonl is then checked: every step logged, finite raw norms, clipped <=
 #     threshold, the loss going down, fp16's loss scale logged, and the first raw norm against the fp32 run's
 #     (the same within 1e-4/1e-3 in fp32; within a factor 2 in bf16/fp16, and not bit-identical to fp32);
+#   - the Clipper in users' own CUDA loops: no host sync inside clipper.step under set_sync_debug_mode("error")
+#     (fp32 and fp16 with a GradScaler, a planted NaN skipped), and the own-loop examples under torchrun (DDP,
+#     FSDP2, fp16 with NCCL), accelerate launch (fp16) and DeepSpeed's launcher (ZeRO-2, 2 micro-batches);
 #   - with 2 or more GPUs also DDP training and `dist-train verify` (DDP, FSDP2, ZeRO-2); N/A on one GPU
 #     (verify needs 2 ranks, and each rank binds cuda:LOCAL_RANK).
 # Run from the repository root with a CUDA build of torch (python3, or PYTHON=...); the package need not be
@@ -478,6 +481,20 @@ main() {
   pool cnn-zero2-bf16 200 "$R/cnn-zero2-bf16 $M --precision bf16" \
     env CONFIG=configs/seed_cnn.yaml NUM_PROCESSES=1 MASTER_PORT=$((port++)) DS_CONFIG=configs/deepspeed/zero2.json \
     launch/deepspeed.sh train.precision=bf16 "run.out_dir=$R/cnn-zero2-bf16" "${K[@]}"
+
+  # -- the Clipper in users' own loops: the CUDA sync test, and each own-loop example under its launcher --
+  pool pytest-clipper-cuda 200 - "$PY" -m pytest -q -p no:cacheprovider tests/test_clipper.py -k cuda
+  pool own-loop-ddp 150 - "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 examples/own_loop_ddp.py \
+    --steps 12 --every 4
+  pool own-loop-fsdp 150 - "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 examples/own_loop_ddp.py \
+    --steps 12 --every 4 --fsdp
+  pool own-loop-fp16 150 - "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 examples/own_loop_ddp.py \
+    --steps 12 --every 4 --fp16
+  pool own-loop-accelerate 150 - "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 \
+    --dynamo_backend no --mixed_precision fp16 --main_process_port $((port++)) examples/own_loop_accelerate.py \
+    --steps 12 --every 4
+  pool own-loop-deepspeed 200 - "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port $((port++)) \
+    examples/own_loop_deepspeed.py --steps 12 --every 4 --accum 2
 
   # -- 2 or more GPUs: DDP and dist-train verify (they need 2 ranks; each rank binds cuda:LOCAL_RANK) --
   if (( ngpu >= 2 )); then

@@ -19,7 +19,11 @@ and nothing is read back to the host; any other optimizer takes the explicit pat
 or a spike (skip_sigma), leaves parameters, moments and step counts untouched, and
 enters neither the policy's statistics nor the spike window. Given a GradScaler, `step`
 unscales (or folds the unscale in) and updates its scale: do not call scaler.step() or
-scaler.update() yourself.
+scaler.update() yourself. Objects `accelerator.prepare` returned are unwrapped (the torch
+optimizer inside, Accelerate's scaler). A DeepSpeed engine, `clipper.step(engine)`, replaces
+`engine.step()` at the accumulation boundary: the threshold is handed to the engine, whose own
+norm and skip are read back (`dist_train.strategies.deepspeed.EngineClip`, the trainer's too).
+docs/clipper.md shows a loop for each launcher.
 """
 
 from __future__ import annotations

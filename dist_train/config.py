@@ -1,7 +1,7 @@
 """The typed configuration tree: YAML file + dotted command-line overrides.
 
-Every field has one meaning, documented here and in the README. Loading is
-strict: an unknown key, a value of the wrong type or an invalid value raises
+Every field has one meaning, documented here (docs/configuration.md is generated
+from these docstrings). Loading is strict: an unknown key, a value of the wrong type or an invalid value raises
 `ConfigError` with a one-line message naming the key, before anything is
 written anywhere.
 """
@@ -168,7 +168,7 @@ class OptimConfig:
 @dataclass
 class ClipConfig:
     policy: str = "fixed"
-    """Clip policy name: none | fixed | zscore | percentile | agc (see the README's Clip policies)."""
+    """Clip policy name: none | fixed | zscore | percentile | agc (docs/clipping.md)."""
     max_norm: float = 1.0
     """Threshold of the fixed policy (global L2 norm), and of zscore and percentile during their warm-up."""
     warmup_steps: int = 25
@@ -209,8 +209,12 @@ class ClipConfig:
 @dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.auto
+    """auto (online if an API key is configured, through WANDB_API_KEY or netrc, else offline) | offline |
+    online | disabled. The API key is never printed or stored by dist_train."""
     project: str = "dist_train"
+    """The W&B project the run goes to."""
     entity: Optional[str] = None
+    """The W&B entity (user or team) the run goes to; unset: the key's default."""
 
 
 @dataclass
@@ -223,6 +227,7 @@ class LoggingConfig:
     spike_top_k: int = 5
     """spikes.jsonl: how many modules, largest gradient norm first, a spike's line names."""
     progress: ProgressMode = ProgressMode.auto
+    """How progress shows: auto (a bar on a terminal, plain lines otherwise) | bar | plain."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -254,11 +259,15 @@ class ModelConfig:
     it declares out of cfg (this section), vocab_size (token data) and num_classes (classify); None: the
     embedded GPT."""
     n_layer: int = 2
+    """The embedded TinyGPT: transformer blocks."""
     n_head: int = 4
+    """The embedded TinyGPT: attention heads (they divide model.d_model)."""
     d_model: int = 64
+    """The embedded TinyGPT: width of the residual stream."""
     block_size: int = 32
     """Sequence length of a sample (tokens per sample)."""
     dropout: float = 0.0
+    """The embedded TinyGPT: dropout probability."""
 
 
 #: The synthetic task's vocabulary when data.vocab_size is not set.

@@ -222,10 +222,10 @@ def update_step(
 
 def engine_update(policy: ClipPolicy, engine_step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, bool]],
                   device: torch.device, loss_scale: Optional[torch.Tensor] = None) -> StepMetrics:
-    """Everything after the backward where an engine reduces, unscales, clips and updates (DeepSpeed: the
-    strategy's `engine_step`, `dist_train.strategies.deepspeed.EngineClip.step`): the threshold comes from past norms only and is handed over before the engine's
-    step, which reports this step's raw norm and whether it skipped. Shared by `train_step` and
-    `dist_train.Clipper.step(engine)`."""
+    """Everything after the backward where an engine reduces, unscales, clips and updates (DeepSpeed:
+    `dist_train.strategies.deepspeed.EngineClip.step`): the threshold comes from past norms only and is handed
+    over before the engine's step, which reports this step's raw norm and whether it skipped. Shared by
+    `train_step` and `dist_train.Clipper.step(engine)`."""
     threshold = policy.next_threshold(device)
     stats, warm = policy.stats(), policy.warm()
     raw, clipped, skipped = engine_step(threshold)

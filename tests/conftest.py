@@ -69,13 +69,15 @@ _SESSION_START = time.monotonic()
 #: Test files in the order the workers should take them, the costliest first (a test file runs on one worker:
 #: `--dist loadfile`), so that the last files handed out are short and the workers end together. Seconds on
 #: the 2-core machine under `-n 2`: deepspeed 135, readme 125, robustness 110, slurm 95, strategies 70,
-#: resume 65, distributed 55, then 20 and less. `--no-loadscope-reorder` (pyproject.toml) keeps this order:
+#: resume 65, distributed 55, clipper 50, then 20 and less. `--no-loadscope-reorder` (pyproject.toml) keeps
+#: this order:
 #: pytest-xdist would otherwise hand out the files with the most tests first (the bad-input table), and the
 #: README test, one of the longest, started last. xdist gives a worker its next file once it has 2 tests or
 #: fewer left, so a worker holds the next file while it runs the README test's second test. Files not named
 #: keep their place after these. A hint for speed only; any order passes.
 HEAVY = ("test_deepspeed.py", "test_readme.py", "test_robustness.py", "test_slurm.py", "test_strategies.py",
-         "test_resume.py", "test_distributed.py", "test_tasks.py", "test_bad_input.py", "test_train.py", "test_harness.py",
+         "test_resume.py", "test_distributed.py", "test_tasks.py", "test_clipper.py", "test_bad_input.py", "test_train.py",
+         "test_harness.py",
          "test_shuffle.py", "test_adaptive_strategies.py", "test_spikes.py", "test_checkpoint_faults.py",
          "test_fused_step.py", "test_token_file.py", "test_data.py", "test_user_facing.py", "test_ci.py")
 

@@ -271,53 +271,6 @@ def test_objects_accelerate_prepared_are_unwrapped_and_nothing_is_read_back():
     assert "inside Accelerate's gradient accumulation window" in r["refused"]
 
 
-@pytest.fixture(scope="module")
-def own_loop_runs():
-    """examples/own_loop_ddp.py under the real torchrun, fresh: DDP and FSDP2, 2 ranks."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    out = {}
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("fp16", ["--fp16"])):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "examples/own_loop_ddp.py", "--steps", "8", *extra], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        out[name] = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    return out
-
-
-def test_the_own_loop_example_runs_under_torchrun(own_loop_runs):
-    """The example's first raw norm is the whole batch's gradient norm on one process (computed here), its DDP
-    and FSDP2 runs agree step by step, and with --fp16 the norm is the unscaled one."""
-    import sys
-
-    from tests.conftest import ROOT
-
-    sys.path.insert(0, str(ROOT))
-    from examples.own_loop_ddp import batch, model
-
-    ddp, fsdp = own_loop_runs["ddp"], own_loop_runs["fsdp"]
-    assert [r["step"] for r in ddp] == list(range(1, 9)) == [r["step"] for r in fsdp]
-    net = model()
-    x, y = batch(1)
-    F.cross_entropy(net(x), y).backward()
-    want = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
-    assert ddp[0]["grad_norm/raw"] == pytest.approx(want, rel=1e-5)
-    for a, b in zip(ddp, fsdp):
-        assert a["grad_norm/raw"] == pytest.approx(b["grad_norm/raw"], rel=1e-5)
-        assert a["grad_norm/clipped"] == pytest.approx(b["grad_norm/clipped"], rel=1e-5)
-    fp16 = own_loop_runs["fp16"]  # GradScaler: the unscaled norm, and fp16 was really on
-    assert fp16[0]["amp/loss_scale"] == 65536.0 and "amp/loss_scale" not in ddp[0]
-    assert fp16[0]["grad_norm/raw"] == pytest.approx(_first_norm(fp16=True), rel=2e-3)
-
-
 def _deepspeed_loop() -> dict:
     """A user's DeepSpeed loop on each rank: ZeRO-2 in fp32, `clipper.step(engine)` in place of `engine.step()`."""
     import deepspeed
@@ -445,22 +398,6 @@ def test_accelerate_fp16_logs_and_clips_the_unscaled_norm():
     assert bad["raw"] == pytest.approx(good["raw"] * 65536.0, rel=1e-3)
 
 
-def _launched(cmd: list[str], **env: str) -> list[dict]:
-    """An example under its launcher, fresh; the JSON lines rank 0 printed."""
-    import json
-    import os
-    import subprocess
-
-    from tests.conftest import ROOT
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_",
-                                                                        "ACCELERATE_", "LOCAL_RANK"))}
-    base["PYTHONPATH"] = str(ROOT)
-    p = subprocess.run(cmd, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-
-
 def _first_norm(fp16: bool = False) -> float:
     """The examples' first step on one process: the whole batch's gradient norm (fp16: under CPU autocast)."""
     import contextlib
@@ -479,31 +416,142 @@ def _first_norm(fp16: bool = False) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
 
 
-def test_the_accelerate_example_runs_under_accelerate_launch_in_fp16():
-    """examples/own_loop_accelerate.py, 2 CPU processes, fp16, 2 micro-batches a step: the first raw norm is the
-    whole batch's unscaled one, and the loss scale shows fp16 was on."""
+DOC = "docs/clipper.md"
+
+
+def doc_commands() -> list[str]:
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / DOC).read_text(encoding="utf-8")
+    return [line for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+            for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def doc_runs():
+    """docs/clipper.md's commands, verbatim, each under its real launcher with fresh workers (torchrun, accelerate
+    launch, DeepSpeed's launcher): the JSON lines rank 0 printed, by the example and its flags."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_",
+                                                                       "ACCELERATE_", "LOCAL_RANK"))}
+    env["PYTHONPATH"] = str(ROOT)
+    out = {}
+    for line in doc_commands():
+        p = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{DOC}: {line}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        words = line.split()
+        example = next(w for w in words if w.startswith("examples/"))
+        flags = [w for w in words[words.index(example) + 1:] if w in ("--fsdp", "--fp16")]
+        key = example.split("/")[1].removesuffix(".py").removeprefix("own_loop_") + "".join(flags)
+        out[key] = [json.loads(r) for r in p.stdout.splitlines() if r.startswith("{")]
+    return out
+
+
+def test_the_docs_run_every_launcher():
+    assert {c.split("examples/")[1].split()[0] for c in doc_commands()} == \
+        {"own_loop_ddp.py", "own_loop_accelerate.py", "own_loop_deepspeed.py"}
+    assert any(c.startswith("deepspeed ") for c in doc_commands())
+    assert any("accelerate launch" in c and "--mixed_precision fp16" in c for c in doc_commands())
+
+
+def test_the_docs_python_excerpts_are_the_examples_code():
+    """Each Python block of docs/clipper.md past the first (the generic loop) is the example's own lines, in order:
+    what the page shows is what the tests launch."""
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / DOC).read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)[1:]
+    examples = {p.name: [line.strip() for line in p.read_text().splitlines()] for p in (ROOT / "examples").glob("own_loop_*.py")}
+    assert len(blocks) == 3
+    for block in blocks:
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+
+        def contains(src: list[str]) -> bool:
+            it = iter(src)
+            return all(any(line == s for s in it) for line in lines)
+
+        assert any(contains(src) for src in examples.values()), block
+
+
+def test_the_own_loop_example_runs_under_torchrun(doc_runs):
+    """The example's first raw norm is the whole batch's gradient norm on one process (computed here), its DDP
+    and FSDP2 runs agree step by step, and with --fp16 the norm is the unscaled one."""
     import sys
 
-    rows = _launched([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                      "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "fp16",
-                      "examples/own_loop_accelerate.py", "--steps", "6"], ACCELERATE_USE_CPU="true")
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from examples.own_loop_ddp import batch, model
+
+    ddp, fsdp = doc_runs["ddp"], doc_runs["ddp--fsdp"]
+    assert [r["step"] for r in ddp] == list(range(1, 9)) == [r["step"] for r in fsdp]
+    net = model()
+    x, y = batch(1)
+    F.cross_entropy(net(x), y).backward()
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
+    assert ddp[0]["grad_norm/raw"] == pytest.approx(want, rel=1e-5)
+    for a, b in zip(ddp, fsdp):
+        assert a["grad_norm/raw"] == pytest.approx(b["grad_norm/raw"], rel=1e-5)
+        assert a["grad_norm/clipped"] == pytest.approx(b["grad_norm/clipped"], rel=1e-5)
+    fp16 = doc_runs["ddp--fp16"]  # GradScaler: the unscaled norm, and fp16 was really on
+    assert fp16[0]["amp/loss_scale"] == 65536.0 and "amp/loss_scale" not in ddp[0]
+    assert fp16[0]["grad_norm/raw"] == pytest.approx(_first_norm(fp16=True), rel=2e-3)
+
+
+
+
+def test_the_accelerate_example_runs_under_accelerate_launch_in_fp16(doc_runs):
+    """examples/own_loop_accelerate.py, 2 CPU processes, fp16, 2 micro-batches a step: the first raw norm is the
+    whole batch's unscaled one, and the loss scale shows fp16 was on."""
+    rows = doc_runs["accelerate"]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["amp/loss_scale"] == 65536.0
     assert rows[0]["grad_norm/raw"] == pytest.approx(_first_norm(fp16=True), rel=2e-3)
     assert all(r["optim/step_skipped"] == 0 for r in rows)
 
 
-def test_the_deepspeed_example_runs_under_deepspeeds_launcher():
+def test_the_deepspeed_example_runs_under_deepspeeds_launcher(doc_runs):
     """examples/own_loop_deepspeed.py through `deepspeed`, 2 processes, ZeRO-2 with 2 micro-batches a step: the
     engine's first norm is the whole batch's gradient norm on one process."""
-    import sys
-
-    pytest.importorskip("deepspeed")
-    from tests.dist_utils import free_port
-
-    rows = _launched([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                      f"--master_port={free_port()}", "examples/own_loop_deepspeed.py", "--steps", "6",
-                      "--accum", "2"])
+    rows = doc_runs["deepspeed"]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[0]["grad_norm/raw"] == pytest.approx(_first_norm(), rel=1e-5)
     assert rows[0]["grad_norm/threshold"] == 1.0 and all(r["optim/step_skipped"] == 0 for r in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_a_cuda_loop_never_syncs_inside_clipper_step(fp16):
+    """A user's CUDA loop with fused AdamW, zscore and spike skipping: clipper.step runs under
+    torch.cuda.set_sync_debug_mode("error") (any host sync raises), and a planted NaN is skipped."""
+    dev = torch.device("cuda")
+    model = _model().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    clipper = Clipper("zscore", max_norm=MAX_NORM, warmup_steps=2, skip_sigma=3.0, skip_min_steps=2, skip_window=8)
+    rows = []
+    for step in range(8):
+        x, y = (t.to(dev) for t in _batch(step))
+        if step == 5:
+            x[0, 0] = float("nan")
+        with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stats = clipper.step(model, opt, scaler)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        rows.append(stats.to_dict())
+        opt.zero_grad(set_to_none=True)
+    assert [r["optim/step_skipped"] for r in rows] == [0] * 5 + [1] + [0] * 2
+    assert all(r["grad_norm/raw"] is not None for i, r in enumerate(rows) if i != 5)

@@ -69,3 +69,25 @@ def test_unknown_key_in_yaml_file(tmp_path):
     p.write_text("train:\n  max_stepz: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'train.max_stepz'"):
         load_config(p)
+
+
+def test_the_config_reference_is_current_and_made_from_the_docstrings(monkeypatch, capsys):
+    """docs/configuration.md's table is what `python -m dist_train.reference` generates from the config
+    dataclasses' docstrings, one row per key with its default. Negative control: a changed docstring (or
+    default) makes it stale, and --check says so."""
+    import re
+
+    import dist_train.config as config
+    from dist_train import reference
+    from dist_train.config import all_keys
+
+    page = reference.DOC.read_text(encoding="utf-8")
+    assert reference.render(page) == page, "docs/configuration.md is stale: run python -m dist_train.reference"
+    assert reference.main(["--check"]) == 0
+    assert re.findall(r"^\| `([\w.]+)` \|", page, flags=re.M) == all_keys()
+    assert "| `clip.max_norm` | `1.0` | Threshold of the fixed policy" in page
+    docs = config.field_docs()
+    monkeypatch.setattr(config, "field_docs", lambda: {**docs, "clip.max_norm": "another meaning"})
+    assert reference.render(page) != page
+    assert reference.main(["--check"]) == 1
+    assert "configuration.md is stale: run python -m dist_train.reference" in capsys.readouterr().err

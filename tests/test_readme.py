@@ -1,5 +1,7 @@
-"""Every command in the README's ```bash blocks runs verbatim, in order, after the
-quick start, in a fresh copy of the repository (with few steps).
+"""Every command in the ```bash blocks of the README and of the pages in docs/ runs verbatim, in order (the
+README's first, then DOCS), in a fresh copy of the repository (with few steps). docs/clipper.md's
+commands run in tests/test_clipper.py, which checks what they print. Every relative link of those pages
+leads to a file, and a #fragment to a heading of that page.
 
 What is not run, and why: `pip install ...` (CI has just done it; the CPU wheel
 index is not reachable from CI) and `python -m pytest` (the suite running this).
@@ -40,15 +42,52 @@ FEW_STEPS = "train.max_steps=20"
 VERBATIM_KEYS = ("train.resume=", "train.checkpoint_every=", "data.skip_steps")
 
 
+#: The pages whose commands this test runs, in this order (each page's commands in its own order).
+DOCS = ("README.md", "docs/article.md", "docs/step.md", "docs/strategies.md", "docs/metrics.md", "docs/clipping.md",
+        "docs/configuration.md", "docs/data.md", "docs/errors.md", "docs/checkpoints.md", "docs/slurm.md",
+        "docs/benchmarks.md", "docs/contributing.md")
+
+
 def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
-        for line in block.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                commands.append(line)
+    for page in DOCS:
+        text = (ROOT / page).read_text(encoding="utf-8")
+        for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+            for line in block.splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    commands.append(line)
     return commands
+
+
+def test_every_page_is_run_or_named():
+    pages = {"README.md", *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))}
+    assert pages == set(DOCS) | {"docs/clipper.md"}
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_leads_somewhere():
+    """The mistakes table's links, the docs map and each page's links: a file that exists, and a #fragment that
+    is a heading of that page (so moving a section cannot leave the front page pointing nowhere)."""
+    checked = 0
+    for page in (*DOCS, "docs/clipper.md"):
+        src = ROOT / page
+        text = src.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, fragment = target.partition("#")
+            dest = (src.parent / path).resolve() if path else src
+            assert dest.exists(), f"{page}: link to {target}: no such file"
+            if fragment:
+                headings = re.findall(r"^#+ (.*)$", dest.read_text(encoding="utf-8"), flags=re.M)
+                assert fragment in {slug(h) for h in headings}, f"{page}: link to {target}: no such heading"
+            checked += 1
+    assert checked >= 30
 
 
 def runnable(command: str) -> str | None:

@@ -188,8 +188,8 @@ def test_sidecar_gives_dtype_and_vocabulary_and_the_config_may_agree(tmp_path):
 def test_synthetic_vocabulary_default_is_saved_and_the_new_keys_are_documented():
     cfg = load_config(DEBUG)
     assert cfg.data.vocab_size == 32 and cfg.data.token_file is None and cfg.data.token_dtype is None
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (`data\..*?) \|", readme, flags=re.M)
+    reference = (ROOT / "docs/configuration.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (`data\..*?) \|", reference, flags=re.M)
     documented = {k for row in rows for k in re.findall(r"`(data\.\w+)`", row)}
     assert documented == {k for k in all_keys() if k.startswith("data.")}
 
@@ -339,7 +339,7 @@ def test_two_processes_on_a_token_file_match_one(runs, tmp_path):
 
 def test_readme_own_tokenizer_lines_write_a_trainable_file(tmp_path):
     """The README's numpy lines for a user's own tokenizer, run as written (a stand-in tokenizer)."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs/data.md").read_text(encoding="utf-8")
     block = readme.split("<!-- own-tokenizer -->", 2)[1]
     code = re.search(r"```python\n(.*?)```", block, flags=re.S).group(1)
 
