@@ -65,6 +65,17 @@ def test_every_page_is_run_or_named():
     assert pages == set(DOCS) | {"docs/clipper.md"}
 
 
+def test_the_front_pages_launch_lines_are_on_their_pages():
+    """The front page's launch modes are lines of the docs pages, where this test runs them (or, for sbatch,
+    test_slurm runs the script): a changed command cannot stay behind on the front page."""
+    block = (ROOT / "README.md").read_text(encoding="utf-8").split("<!-- launch-modes -->")[1]
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()[2:-1]]
+    pages = "\n".join((ROOT / page).read_text(encoding="utf-8") for page in DOCS[1:])
+    assert len(lines) == 6
+    for line in lines:
+        assert line in pages, line
+
+
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
