@@ -187,7 +187,8 @@ class Clipper:
         if scaler is not None:
             raise ConfigError("Clipper.step(engine): DeepSpeed's engine scales the fp16 loss itself; do not pass a "
                               "GradScaler")
-        if optimizer is not None and optimizer is not engine.optimizer and \
+        # The optimizer deepspeed.initialize returned (the engine's), the torch one inside it, or Accelerate's wrapper.
+        if optimizer is not None and engine.optimizer not in (optimizer, getattr(optimizer, "optimizer", None)) and \
                 getattr(engine.optimizer, "optimizer", None) is not optimizer:
             raise ConfigError("Clipper.step(engine, optimizer): this optimizer is not the engine's; call "
                               "clipper.step(engine)")

@@ -431,17 +431,26 @@ def doc_commands() -> list[str]:
 
 @pytest.fixture(scope="module")
 def doc_runs():
-    """docs/clipper.md's commands, verbatim, each under its real launcher with fresh workers (torchrun, accelerate
-    launch, DeepSpeed's launcher): the JSON lines rank 0 printed, by the example and its flags."""
+    """docs/clipper.md's commands, verbatim, each under its launcher (torchrun, accelerate launch, DeepSpeed's
+    launcher): the JSON lines rank 0 printed, by the example and its flags."""
     import json
     import os
     import subprocess
+    import sys
 
     from tests.conftest import ROOT
 
+    from tests import forkserver
+    from tests.conftest import SHIMS
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "MASTER_",
                                                                        "ACCELERATE_", "LOCAL_RANK"))}
-    env["PYTHONPATH"] = str(ROOT)
+    # torchrun, accelerate and deepspeed are the shims in tests/bin: each launcher's own code, forked warm by the
+    # test server with the workers it starts (fresh launches of each are in test_distributed, test_strategies
+    # and test_deepspeed).
+    forkserver.ForkServer.get()
+    env.update(PYTHONPATH=str(ROOT), PATH=f"{SHIMS}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}"
+               f"{env.get('PATH', '')}", DIST_TRAIN_TEST_FORKSERVER=os.environ[forkserver.SOCKET_ENV])
     out = {}
     for line in doc_commands():
         p = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

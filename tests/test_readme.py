@@ -66,12 +66,13 @@ def test_every_page_is_run_or_named():
 
 
 def test_the_front_pages_launch_lines_are_on_their_pages():
-    """The front page's launch modes are lines of the docs pages, where this test runs them (or, for sbatch,
-    test_slurm runs the script): a changed command cannot stay behind on the front page."""
-    block = (ROOT / "README.md").read_text(encoding="utf-8").split("<!-- launch-modes -->")[1]
-    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()[2:-1]]
-    pages = "\n".join((ROOT / page).read_text(encoding="utf-8") for page in DOCS[1:])
-    assert len(lines) == 6
+    """The front page's launch modes and own-loop command are lines of the docs pages, where the docs tests run
+    them (or, for sbatch, test_slurm runs the script): a changed command cannot stay behind on the front page."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for marker in ("launch-modes", "own-loop")
+             for line in readme.split(f"<!-- {marker} -->")[1].splitlines()[2:-1]]
+    pages = "\n".join((ROOT / page).read_text(encoding="utf-8") for page in (*DOCS[1:], "docs/clipper.md"))
+    assert len(lines) == 7
     for line in lines:
         assert line in pages, line
 
