@@ -38,7 +38,7 @@ import torch
 
 from dist_train.clip import ClipPolicy, SpikeSkip, build_policy, build_spike_skip
 from dist_train.config import ClipConfig, validate_clip
-from dist_train.errors import ConfigError
+from dist_train.errors import ConfigError, UsageError
 from dist_train.metrics import layer_norms as _layer_norms
 from dist_train.step import update_step
 from dist_train.strategies.base import Amp, Strategy
@@ -128,6 +128,8 @@ class Clipper:
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(f"Clipper: unknown option '{unknown[0]}'; {hint}(the options are the clip.* config keys: "
                               f"{', '.join(OPTIONS)})")
+        for key, value in options.items():
+            _check_type(key, value)
         self.config = ClipConfig(policy=policy, **options)
         try:
             validate_clip(self.config)  # the config's clip.* checks, by their keys
@@ -153,21 +155,42 @@ class Clipper:
         accumulation boundary (see `_engine_step`)."""
         if _is_deepspeed_engine(model):
             return self._engine_step(model, optimizer, scaler)
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"Clipper.step(model, optimizer): model must be a torch.nn.Module (or a DeepSpeed engine), "
+                             f"got {type(model).__name__}; the model comes first, then its optimizer")
         if optimizer is None:
-            raise ConfigError("Clipper.step(model, optimizer): pass the optimizer that steps model's parameters")
+            raise UsageError("Clipper.step(model, optimizer): pass the optimizer that steps model's parameters")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(f"Clipper.step(model, optimizer): optimizer must be a torch.optim.Optimizer, got "
+                             f"{type(optimizer).__name__}")
         optimizer, scaler = _unwrap_accelerate(optimizer, scaler)
-        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad]) or ((), ())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise UsageError("Clipper.step: the model has no trainable parameter (requires_grad is False on all of "
+                             "them); unfreeze the ones to train")
+        names, params = zip(*named)
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:  # which parameters hold a gradient is known on the host: no device read
+            raise UsageError("Clipper.step: no trainable parameter of the model has a gradient: call loss.backward() "
+                             "(or scaler.scale(loss).backward()) before clipper.step, on a loss that depends on the "
+                             "model's parameters")
+        stepped = {id(q) for group in optimizer.param_groups for q in group["params"]}
+        if not any(id(p) in stepped for p in with_grad):
+            raise UsageError("Clipper.step(model, optimizer): the optimizer holds none of the model's parameters "
+                             "that have gradients; build it over this model's parameters (after wrapping it with "
+                             "fully_shard, which replaces them)")
         if scaler is not None and scaler.is_enabled():
             from torch.amp.grad_scaler import OptState
 
+            if scaler._scale is None:
+                raise UsageError("Clipper.step: the GradScaler has not scaled a loss yet: call "
+                                 "scaler.scale(loss).backward() (not loss.backward()) when you pass a scaler")
             if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY:
                 raise ConfigError("Clipper.step: scaler.unscale_(optimizer) was already called this step; the "
                                   "Clipper unscales itself (or folds the unscale into the optimizer): remove that call")
         if self.config.skip_sigma and self.config.skip_on != "norm" and loss is None:
             raise ConfigError(f"Clipper.step: skip_on={self.config.skip_on} judges the loss: pass step(..., loss=loss)")
-        first = next((p for p in params if p.grad is not None), None)
-        if first is not None:
-            self._to(_local_device(first.grad))
+        self._to(_local_device(with_grad[0].grad))
         strategy = _Ranks(Amp(scaler=scaler if scaler is not None and scaler.is_enabled() else None))
         m = update_step(optimizer, list(params), self.policy, strategy=strategy,
                         loss=loss.detach() if loss is not None else None, eps=self.config.eps, skip=self.skip,
@@ -221,13 +244,12 @@ class Clipper:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; a state the settings no longer fit (another policy, another window size)
-        starts afresh, with a warning, as the trainer does on resume."""
-        import logging
+        starts afresh, with a warning (a UserWarning), as the trainer does on resume."""
+        import warnings
 
-        log = logging.getLogger("dist_train")
         if state.get("policy") != self.config.policy:
-            log.warning("Clipper: the saved policy is %s and this one %s: it starts afresh", state.get("policy"),
-                        self.config.policy)
+            warnings.warn(f"Clipper: the saved policy is {state.get('policy')} and this one {self.config.policy}: "
+                          "it starts afresh", stacklevel=2)
             return
         for what, target, saved in (("policy", self.policy, state.get("state")),
                                     ("spike window", self.skip, state.get("spike_skip"))):
@@ -236,7 +258,17 @@ class Clipper:
             try:
                 target.load_state_dict(saved)
             except ValueError as e:
-                log.warning("Clipper: the saved %s state does not fit these settings (%s): it starts afresh", what, e)
+                warnings.warn(f"Clipper: the saved {what} state does not fit these settings ({e}): it starts afresh",
+                              stacklevel=2)
+
+
+def _check_type(key: str, value: Any) -> None:
+    """An option's value of the type its clip.* key takes (a float option takes an int too; never a bool)."""
+    default = next(f.default for f in dataclasses.fields(ClipConfig) if f.name == key)
+    kind = float if isinstance(default, float) else type(default)
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind))
+    if not ok:
+        raise ConfigError(f"Clipper: option '{key}' takes {kind.__name__}, got {type(value).__name__} {value!r}")
 
 
 def _unwrap_accelerate(optimizer: Any, scaler: Optional[torch.amp.GradScaler]):

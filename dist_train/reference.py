@@ -77,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if wanted != current:
             print(f"{DOC.name} is stale: run python -m dist_train.reference", file=sys.stderr)
             return 1
+        print(f"{DOC.name} is current")
         return 0
     if wanted != current:
         DOC.write_text(wanted, encoding="utf-8")
         print(f"rewrote the configuration reference in {DOC}")
+    else:
+        print(f"{DOC.name} is current")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import deepspeed
 import torch
@@ -31,6 +32,8 @@ def main() -> None:
     p.add_argument("--max-norm", type=float, default=1.0, help="the threshold during the warm-up")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # DeepSpeed's launcher passes it
     args = p.parse_args()
+    # DeepSpeed 0.19 calls collectives torch 2.13 deprecates, once per step: nothing to act on here.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     size = 32

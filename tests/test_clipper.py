@@ -191,8 +191,25 @@ def test_the_explicit_path_is_one_read_and_the_same_numbers():
 def test_bad_use_is_one_clear_error():
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    with pytest.raises(UsageError, match="no parameter of the model received a gradient"):
+    with pytest.raises(UsageError, match="no trainable parameter of the model has a gradient: call loss.backward"):
         Clipper().step(model, opt)
+    with pytest.raises(UsageError, match="model must be a torch.nn.Module .*got AdamW"):
+        Clipper().step(opt, model)
+    with pytest.raises(UsageError, match="pass the optimizer"):
+        Clipper().step(model)
+    with pytest.raises(ConfigError, match="option 'max_norm' takes float, got str '1.0'"):
+        Clipper("fixed", max_norm="1.0")
+    frozen = _model().requires_grad_(False)
+    with pytest.raises(UsageError, match="no trainable parameter"):
+        Clipper().step(frozen, opt)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    other = torch.optim.AdamW(_model().parameters(), lr=1e-2)
+    with pytest.raises(UsageError, match="the optimizer holds none of the model's parameters"):
+        Clipper().step(model, other)
+    with pytest.raises(UsageError, match="the GradScaler has not scaled a loss yet"):
+        Clipper().step(model, opt, scaler=torch.amp.GradScaler("cpu"))
+    model.zero_grad(set_to_none=True)
     with pytest.raises(ConfigError, match="unknown option 'max_nrom'; did you mean 'max_norm'"):
         Clipper("fixed", max_nrom=1.0)
     with pytest.raises(ConfigError, match="option 'max_norm': must be finite and > 0"):
@@ -216,6 +233,8 @@ def test_state_dict_restores_the_policy_and_the_spike_window():
         a.step(model, opt)
         opt.zero_grad()
     b = Clipper("zscore", **options)
+    with pytest.warns(UserWarning, match="the saved policy is zscore and this one percentile: it starts afresh"):
+        Clipper("percentile").load_state_dict(a.state_dict())
     b.load_state_dict(a.state_dict())
     x, y = _batch(9)
     F.cross_entropy(model(x), y).backward()
