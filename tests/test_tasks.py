@@ -524,3 +524,23 @@ def test_hugging_face_gpt2_computing_its_own_loss(hf_runs, name):
         assert "FSDP2 over 2 processes (2 units" in p.stderr  # transformer.h's one block, and the root
     assert "task model (the model's own loss) (task.name=auto)" in p.stderr
     assert got[-1]["eval/loss"] is not None and math.isfinite(got[-1]["eval/loss"])  # the factory's "val" set
+
+
+def test_the_lstm_language_model_trains_with_sgd_and_two_ranks_match_one(tmp_path):
+    """examples/lstm_lm.py (configs/lstm_lm.yaml: a 2-layer character LSTM, plain SGD, clip 0.25) as the lm task:
+    the loss falls, and over 2 DDP ranks every step's raw norm, clipped norm and loss are one process's (the
+    norm taken after the all-reduce; the tied embedding's gradient summed over both of its uses)."""
+    args = ("train", "-c", str(ROOT / "configs/lstm_lm.yaml"), "train.max_steps=30", "logging.every=1",
+            "logging.wandb.mode=disabled", "train.checkpoint=false", f"data.text_file={ROOT / 'README.md'}")
+    p = cli(*args, f"run.out_dir={tmp_path / 'one'}")
+    assert p.returncode == 0, p.stderr
+    q = torchrun_cli(*args, f"run.out_dir={tmp_path / 'two'}", nproc=2)
+    assert q.returncode == 0, q.stderr
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(one) == len(two) == 30
+    assert sum(r["train/loss"] for r in one[-5:]) / 5 < one[0]["train/loss"] - 0.5
+    assert all(r["grad_norm/raw"] > 0.25 for r in one[:5])  # SGD's gradients here are clipped
+    for a, b in zip(one, two):
+        assert b["grad_norm/raw"] == pytest.approx(a["grad_norm/raw"], rel=1e-5)
+        assert b["grad_norm/clipped"] == pytest.approx(a["grad_norm/clipped"], rel=1e-5)
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
