@@ -40,7 +40,7 @@ from dist_train.clip import ClipPolicy, SpikeSkip, build_policy, build_spike_ski
 from dist_train.config import ClipConfig, validate_clip
 from dist_train.errors import ConfigError, UsageError
 from dist_train.metrics import layer_norms as _layer_norms
-from dist_train.step import update_step
+from dist_train.step import StepMetrics, update_step
 from dist_train.strategies.base import Amp, Strategy
 
 #: Clipper's options: the clip.* config keys (policy is its first argument).
@@ -71,6 +71,13 @@ class ClipStats:
     names: tuple[str, ...] = ()
     stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     """The policy's and the spike window's statistics (clip/ema_mean, clip/spike_limit, ...)."""
+
+    @classmethod
+    def of(cls, m: StepMetrics, names: Sequence[str]) -> "ClipStats":
+        """The public part of the step's metrics; `names` the parameters', as the model names them."""
+        return cls(grad_norm_raw=m.grad_norm_raw, grad_norm_clipped=m.grad_norm_clipped, clip_coef=m.clip_coef,
+                   threshold=m.threshold, skipped=m.skipped, spike=m.spike, loss_scale=m.loss_scale,
+                   param_norms=m.param_norms, names=tuple(_clean(n) for n in names), stats=m.stats)
 
     def layer_norms(self) -> dict[str, Optional[float]]:
         """Each module's gradient norm by name (a host read)."""
@@ -195,9 +202,7 @@ class Clipper:
         m = update_step(optimizer, list(params), self.policy, strategy=strategy,
                         loss=loss.detach() if loss is not None else None, eps=self.config.eps, skip=self.skip,
                         loss_scale=strategy.loss_scale())
-        return ClipStats(grad_norm_raw=m.grad_norm_raw, grad_norm_clipped=m.grad_norm_clipped, clip_coef=m.clip_coef,
-                         threshold=m.threshold, skipped=m.skipped, spike=m.spike, loss_scale=m.loss_scale,
-                         param_norms=m.param_norms, names=tuple(_clean(n) for n in names), stats=m.stats)
+        return ClipStats.of(m, names)
 
     def _engine_step(self, engine: Any, optimizer: Any, scaler: Any) -> ClipStats:
         """A DeepSpeed engine reduces (or reduce-scatters), unscales, clips and updates inside its own step: the
@@ -208,12 +213,14 @@ class Clipper:
         from dist_train.strategies.deepspeed import EngineClip, check_clip
 
         if scaler is not None:
-            raise ConfigError("Clipper.step(engine): DeepSpeed's engine scales the fp16 loss itself; do not pass a "
+            raise UsageError("Clipper.step(engine): DeepSpeed's engine scales the fp16 loss itself; do not pass a "
                               "GradScaler")
         # The optimizer deepspeed.initialize returned (the engine's), the torch one inside it, or Accelerate's wrapper.
-        if optimizer is not None and engine.optimizer not in (optimizer, getattr(optimizer, "optimizer", None)) and \
-                getattr(engine.optimizer, "optimizer", None) is not optimizer:
-            raise ConfigError("Clipper.step(engine, optimizer): this optimizer is not the engine's; call "
+        def ids(opt: Any) -> set[int]:
+            return {id(o) for o in (opt, getattr(opt, "optimizer", None)) if o is not None}
+
+        if optimizer is not None and not ids(engine.optimizer) & ids(optimizer):
+            raise UsageError("Clipper.step(engine, optimizer): this optimizer is not the engine's; call "
                               "clipper.step(engine)")
         if self._engine is None or self._engine.engine is not engine:
             try:
@@ -232,10 +239,7 @@ class Clipper:
         clip = self._engine
         self._to(clip.device)
         m = engine_update(self.policy, clip.step, clip.device, clip.loss_scale())
-        names = tuple(_clean(n) for n, p in engine.module.named_parameters() if p.requires_grad)
-        return ClipStats(grad_norm_raw=m.grad_norm_raw, grad_norm_clipped=m.grad_norm_clipped, clip_coef=m.clip_coef,
-                         threshold=m.threshold, skipped=m.skipped, loss_scale=m.loss_scale, names=names,
-                         stats=m.stats)
+        return ClipStats.of(m, [n for n, p in engine.module.named_parameters() if p.requires_grad])
 
     def state_dict(self) -> dict[str, Any]:
         """The policy's and the spike window's state (checkpoint it with your model)."""

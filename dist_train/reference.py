@@ -25,8 +25,6 @@ def _default(value: Any) -> str:
         return "unset"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
-    if isinstance(value, list):
-        return f"`{value}`"
     return f"`{value}`"
 
 

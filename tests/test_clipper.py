@@ -312,10 +312,10 @@ def _deepspeed_loop() -> dict:
         return float(torch.linalg.vector_norm(torch.stack(
             [(p.detach() - b).norm() for p, b in zip(eng.module.parameters(), before)])))
 
-    def refused(clipper, eng) -> str:
+    def refused(clipper, eng, *args) -> str:
         try:
-            clipper.step(eng)
-        except ConfigError as e:
+            clipper.step(eng, *args)
+        except UsageError as e:  # ConfigError is one
             return str(e)
         return ""
 
@@ -324,7 +324,7 @@ def _deepspeed_loop() -> dict:
         for step in range(STEPS):
             x, y = _batch(step)
             eng.backward(F.cross_entropy(eng(x[part]), y[part]))
-            d = clipper.step(eng).to_dict()
+            d = (clipper.step(eng, eng.optimizer) if step % 2 else clipper.step(eng)).to_dict()  # both forms
             rows.append((d["grad_norm/raw"], d["grad_norm/clipped"]))
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -339,11 +339,14 @@ def _deepspeed_loop() -> dict:
             for i, half in enumerate(torch.arange(BATCH)[part].chunk(2)):
                 eng.backward(F.cross_entropy(eng(x[half]), y[half]))
                 if i == 0:
-                    window = window or (refused(clip, eng) if clip is not None else "")
+                    if clip is not None:
+                        window = refused(clip, eng)
                     eng.step()
             clip.step(eng) if clip is not None else eng.step()
             updates[name] = delta(eng, before)
         wrong = {p: refused(Clipper(p, **kw), eng) for p, kw in (("agc", {}), ("fixed", {"skip_sigma": 4.0}))}
+        wrong["optimizer"] = refused(Clipper(), eng, torch.optim.SGD(_model().parameters(), lr=0.1))
+        wrong["scaler"] = refused(Clipper(), eng, None, torch.amp.GradScaler("cpu"))
         dist.barrier()
         return {"rows": rows, "params": params, "updates": updates, "window": window, "wrong": wrong}
     finally:
@@ -378,6 +381,8 @@ def test_a_tiny_threshold_reaches_the_engine_and_misuse_is_refused(deepspeed_loo
         assert "inside DeepSpeed's gradient accumulation window" in rank["window"]
         assert "'agc' needs per-parameter gradients" in rank["wrong"]["agc"]
         assert "option 'skip_sigma'" in rank["wrong"]["fixed"]
+        assert "this optimizer is not the engine's" in rank["wrong"]["optimizer"]
+        assert "do not pass a GradScaler" in rank["wrong"]["scaler"]
 
 
 def _accelerate_fp16(skip_unscale: bool) -> dict:

@@ -323,7 +323,7 @@ class EngineClip:
         self.stage = int(engine.zero_optimization_stage())
         self.precision = (Precision.fp16 if engine.fp16_enabled() else
                           Precision.bf16 if engine.bfloat16_enabled() else Precision.no)
-        self.device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+        self.device = torch.device(engine.device)
         # Stage 0 in fp32 hands the step to the torch optimizer and keeps no norm: dist_train computes it, and
         # a step whose norm is NaN/Inf must not reach the optimizer (the engine has no such check there).
         self.own_norm = self.stage == 0 and self.precision == Precision.no
