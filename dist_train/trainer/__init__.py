@@ -59,9 +59,13 @@ def train(
     dist: Optional[DistState] = None,
     device: Optional[torch.device] = None,
     stop: Optional[StopSignal] = None,
+    prepare: Optional[Callable[[Setup], None]] = None,
 ) -> Path:
     """Check the run directory, build everything, resume if asked, then open it, train, log, plot,
     checkpoint.
+
+    `prepare` is called with the built Setup before anything is written (a study or a test wraps its data set
+    there: benchmarks/stability.py plants bad batches so).
 
     Rank 0 alone writes the run directory. A run that fails or is stopped before
     its first logged step leaves nothing behind; after it, everything logged stays.
@@ -72,6 +76,8 @@ def train(
     resume = cfg.train.resume != "none"
     dist.on_main(lambda: run_dir.check(cfg.run.overwrite, resume))  # seconds before the setup, not after it
     s = build(cfg, dist, device)
+    if prepare is not None:
+        prepare(s)
     folder, origin = find_resume(s, run_dir) if resume else (None, None)
     resumed = load_checkpoint(s, folder) if folder is not None else None
     if resumed is not None:
