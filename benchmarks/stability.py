@@ -45,7 +45,7 @@ run's overrides and losses, and the summaries) and three plots (-lr.png, -thresh
 
     python benchmarks/stability.py [--steps 300] [--seeds 2] [--n-lr 7] [--jobs 2] [--out PATH] [--quick]
 
---quick runs a tiny grid (smaller models, 40 steps, 3 rates, 1 seed, fewer knob values, 2 planted batches)
+--quick runs a tiny grid (smaller models, 30 steps, 3 rates, 1 seed, fewer knob values, 2 planted batches)
 for the tests; --out then defaults to runs/stability-quick/stability.md, so it never replaces the study's.
 """
 
@@ -603,18 +603,18 @@ class Grid:
             self.twins[key] = []
             self.pending.append(cell | {"key": key})
 
-    def run(self, jobs: int) -> None:
+    def run(self, pool) -> None:
+        """Run the runs added since the last call, in the worker processes of `pool`."""
         cells, self.pending = self.pending, []
-        print(f"{len(cells)} runs, {jobs} jobs", flush=True)
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            for r in pool.imap_unordered(run_cell, cells):
-                key = r.pop("key")
-                self.results[key] = r
-                self.done += [r] + [relabel(r, twin) for twin in self.twins.pop(key)]
-                fl = "diverged" if r["diverged"] else f"{r['final_loss']:.4f}"
-                print(f"[{len(self.done)}] {r['q']:9s} {r['workload']:4s} {r['policy']:10s} lr={r['lr']:.3g} "
-                      f"knob={r['knob']} seed={r['seed']} {r.get('role', '')} initial {r['initial_loss']:.4f} "
-                      f"final {fl} ({r['seconds']:.1f} s)", flush=True)
+        print(f"{len(cells)} runs", flush=True)
+        for r in pool.imap_unordered(run_cell, cells):
+            key = r.pop("key")
+            self.results[key] = r
+            self.done += [r] + [relabel(r, twin) for twin in self.twins.pop(key)]
+            fl = "diverged" if r["diverged"] else f"{r['final_loss']:.4f}"
+            print(f"[{len(self.done)}] {r['q']:9s} {r['workload']:4s} {r['policy']:10s} lr={r['lr']:.3g} "
+                  f"knob={r['knob']} seed={r['seed']} {r.get('role', '')} initial {r['initial_loss']:.4f} "
+                  f"final {fl} ({r['seconds']:.1f} s)", flush=True)
 
 
 def relabel(result: dict, cell: dict) -> dict:
@@ -634,7 +634,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default: %(default)s)")
     p.add_argument("--out", default=None, help="the Markdown report; .json and the plots beside it (default: "
                    "benchmarks/results/stability.md; with --quick runs/stability-quick/stability.md)")
-    p.add_argument("--quick", action="store_true", help="a tiny grid for the tests: smaller models, 40 steps, 3 "
+    p.add_argument("--quick", action="store_true", help="a tiny grid for the tests: smaller models, 30 steps, 3 "
                    "rates, 1 seed, 3 thresholds, 2 z and 2 p values, 2 planted batches; its figures mean nothing")
     p.add_argument("--write-text", type=Path, metavar="PATH", help="write the text corpus (as "
                    "benchmarks/data/pydocs.txt was made) to PATH and exit")
@@ -655,7 +655,7 @@ def main() -> int:
     factors, zs, ps = THRESHOLD_FACTORS, Z_VALUES, P_VALUES
     skip = {"window": 128, "min": 64}
     if args.quick:
-        args.steps, args.seeds, args.n_lr, args.n_bad = 40, 1, 3, 2
+        args.steps, args.seeds, args.n_lr, args.n_bad = 30, 1, 3, 2
         factors, zs, ps = (0.1, 1.0, 10.0), (2.5, 4.0), (10.0, 50.0)
         skip = {"window": 16, "min": 8}
     lo, hi = skip["min"] + 1 + args.steps // 20, args.steps - max(1, args.steps // 10)
@@ -669,6 +669,7 @@ def main() -> int:
     steps = args.steps
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="stability-"))
+    pool = multiprocessing.get_context("spawn").Pool(args.jobs)  # one set of workers: each imports torch once
     try:
         sys.path.insert(0, str(ROOT))
         from examples.seed_cnn import write
@@ -688,7 +689,7 @@ def main() -> int:
                         grid.add("lr", w, policy, lr, seed, knob={"zscore": 2.5, "percentile": 10.0}.get(
                             policy, w.max_norm if policy == "fixed" else None))
         print("Q1: ", end="")
-        grid.run(args.jobs)
+        grid.run(pool)
         done = grid.done
 
         # Q2 and Q3 at fixed clipping's best rate (and Q2 also at the next one up).
@@ -714,7 +715,7 @@ def main() -> int:
                     grid.add("bad", w, policy, b, 0, knob=knob, kind=kind, role=role,
                              more=[m.format(role=role) for m in more], **extra)
         print("Q2 and Q3: ", end="")
-        grid.run(args.jobs)
+        grid.run(pool)
 
         # The forensics rerun: the bad data, leaving out the batches the skip run's spikes.jsonl lists; and the
         # clean data leaving out the same batches, which the rerun must equal loss for loss.
@@ -728,8 +729,10 @@ def main() -> int:
                          more=[f"run.out_dir={tmp / 'runs' / w.name / policy}-{role}", "logging.every=1",
                                "train.checkpoint=false", f"data.skip_steps_file={listed}"])
         print("the forensics reruns: ", end="")
-        grid.run(args.jobs)
+        grid.run(pool)
     finally:
+        pool.terminate()  # every run's result is in by now, or the study failed
+        pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
     for c in grid.done:
         c.pop("spikes_file", None)
