@@ -647,7 +647,7 @@ def main() -> int:
             data = {k: raw[k] for k in ("command", "wall_s", "settings", "workloads", "lrs", "best_lr", "seeds",
                                         "planted", "cells")}
         except (OSError, ValueError, KeyError) as e:
-            p.error(f"--report {args.report}: not a study's JSON ({type(e).__name__}: {e})")
+            p.error(f"--report {args.report}: cannot read a study's JSON from it ({type(e).__name__}: {e})")
         return report(data, Path(args.out or args.report.with_suffix(".md")))
     if args.write_text:
         print(f"{args.write_text}: {make_text(args.write_text, 200_000)} docstrings")
