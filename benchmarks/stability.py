@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from quick import add_quick, apply_quick  # benchmarks/quick.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "benchmarks/data/pydocs.txt"
@@ -90,18 +91,17 @@ class Workload:
 
 
 def workloads(quick: bool, data_dir: Path) -> dict[str, Workload]:
-    small = quick  # the models of --quick
     return {
         "cnn": Workload("cnn", (
             "model.factory=examples.seed_cnn:Net", "task.name=classify", f"data.file={data_dir / 'train_data.pth'}",
             "optim.name=sgd", "optim.momentum=0.9", "train.global_batch_size=16"), (1e-3, 1.0), 5.0, "scale"),
         "lstm": Workload("lstm", (
-            "model.factory=examples.lstm_lm:LSTMLM", "model.n_layer=2", f"model.d_model={32 if small else 64}",
-            f"model.block_size={16 if small else 64}", f"data.text_file={TEXT}", "optim.name=sgd",
+            "model.factory=examples.lstm_lm:LSTMLM", "model.n_layer=2", f"model.d_model={32 if quick else 64}",
+            f"model.block_size={16 if quick else 64}", f"data.text_file={TEXT}", "optim.name=sgd",
             "train.global_batch_size=32"), (1.0, 1000.0), 0.25, "repeat"),
         "gpt": Workload("gpt", (
-            "model.n_layer=2" if not small else "model.n_layer=1", f"model.d_model={32 if small else 64}",
-            f"model.block_size={16 if small else 32}", f"data.text_file={TEXT}", "optim.name=adamw",
+            "model.n_layer=2" if not quick else "model.n_layer=1", f"model.d_model={32 if quick else 64}",
+            f"model.block_size={16 if quick else 32}", f"data.text_file={TEXT}", "optim.name=adamw",
             "train.global_batch_size=32"), (1e-3, 1.0), 1.0, "repeat"),
     }
 
@@ -204,12 +204,9 @@ def run_cell(cell: dict) -> dict:
     t0 = time.perf_counter()
     steps, planted = cell["steps"], cell.get("planted", [])
     cfg = load_config(None, cell["overrides"])
-    hits: list[int] = []
-    out: dict = {}
     if cell["kind"] == "steps":
         s = build(cfg, device=torch.device("cpu"))
-        if planted:
-            hits = plant(s, planted, cell["corrupt"]).hits
+        hits = plant(s, planted, cell["corrupt"]).hits if planted else []
         losses, nonfinite, spikes, bad_step = [], 0, 0, None
         for step in range(steps):
             m = optimizer_step(s, step)
@@ -222,23 +219,30 @@ def run_cell(cell: dict) -> dict:
         out = {"nonfinite_skips": nonfinite, "spike_skips": spikes, "nonfinite_in_weights": bad_step is not None,
                "first_nonfinite_weight_step": bad_step}
     else:
-        wrapped: list[PlantedSamples] = []
+        built = []
         log = io.StringIO()  # the run's progress lines: shown only if it fails
+
+        def prepare(s) -> None:
+            built.append((s, plant(s, planted, cell["corrupt"]).hits if planted else []))
+
         try:
             with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-                run_dir = train(cfg, device=torch.device("cpu"), prepare=lambda s: wrapped.append(
-                    plant(s, planted, cell["corrupt"])) if planted else None)
+                run_dir = train(cfg, device=torch.device("cpu"), prepare=prepare)
         except BaseException:
             sys.stderr.write(log.getvalue())
             raise
-        hits = wrapped[0].hits if wrapped else []
+        ((s, hits),) = built
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
         spikes_file = run_dir / "spikes.jsonl"
         lines = [json.loads(line) for line in spikes_file.read_text().splitlines() if line.strip()]
+        # The weights are checked once, after the last step (a non-finite value stays non-finite under SGD's
+        # and AdamW's updates, so it would still be there).
+        finite = all(torch.isfinite(p).all() for p in s.model.parameters())
         out = {"spike_batches": [x["batch"] for x in lines], "spikes_file": str(spikes_file),
-               "spike_skips": sum(x["action"] == "skipped" for x in lines), "nonfinite_skips": None,
-               "nonfinite_in_weights": False, "first_nonfinite_weight_step": None}
+               "spike_skips": sum(x["action"] == "skipped" for x in lines),
+               "nonfinite_skips": rows[-1]["optim/skipped_steps"], "nonfinite_in_weights": not finite,
+               "first_nonfinite_weight_step": None if finite else steps}
     final = final_loss(losses, steps)
     initial = losses[0]
     return {
@@ -634,13 +638,12 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default: %(default)s)")
     p.add_argument("--out", default=None, help="the Markdown report; .json and the plots beside it (default: "
                    "benchmarks/results/stability.md; with --quick runs/stability-quick/stability.md)")
-    p.add_argument("--quick", action="store_true", help="a tiny grid for the tests: smaller models, 30 steps, 3 "
-                   "rates, 1 seed, 3 thresholds, 2 z and 2 p values, 2 planted batches; its figures mean nothing")
+    smoke = add_quick(p, steps=30, seeds=1, n_lr=3, n_bad=2)  # and smaller models, 3 thresholds, 2 z and 2 p values
     p.add_argument("--write-text", type=Path, metavar="PATH", help="write the text corpus (as "
                    "benchmarks/data/pydocs.txt was made) to PATH and exit")
     p.add_argument("--report", type=Path, metavar="JSON", help="write the report and the plots again from the runs "
                    "of a study's JSON (after a change to the summaries or the plots; nothing is run) to --out")
-    args = p.parse_args()
+    args = apply_quick(p, p.parse_args(), smoke)
     if args.report:
         try:
             raw = json.loads(args.report.read_text())
@@ -655,7 +658,6 @@ def main() -> int:
     factors, zs, ps = THRESHOLD_FACTORS, Z_VALUES, P_VALUES
     skip = {"window": 128, "min": 64}
     if args.quick:
-        args.steps, args.seeds, args.n_lr, args.n_bad = 30, 1, 3, 2
         factors, zs, ps = (0.1, 1.0, 10.0), (2.5, 4.0), (10.0, 50.0)
         skip = {"window": 16, "min": 8}
     lo, hi = skip["min"] + 1 + args.steps // 20, args.steps - max(1, args.steps // 10)
