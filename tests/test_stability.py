@@ -25,6 +25,8 @@ WORKLOADS = ["cnn", "lstm", "gpt"]
 @functools.cache
 def study():
     """benchmarks/stability.py as a module (registered, as its dataclasses need)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # as `python benchmarks/stability.py` has it, for its `quick`
     spec = importlib.util.spec_from_file_location("stability", ROOT / "benchmarks/stability.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["stability"] = mod
