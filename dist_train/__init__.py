@@ -15,6 +15,7 @@ _PUBLIC = {
     "ClipPolicy": "dist_train.clip", "NoClip": "dist_train.clip", "FixedClip": "dist_train.clip",
     "ZScoreClip": "dist_train.clip", "PercentileClip": "dist_train.clip", "AGC": "dist_train.clip",
     "SpikeSkip": "dist_train.clip",
+    "release_deepspeed_shm": "dist_train.deepspeed_shm",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_train import Clipper
+from dist_train import Clipper, release_deepspeed_shm
 from own_loop_ddp import batch, model  # the DDP example's data and model (this file's folder is on sys.path)
 
 
@@ -43,6 +43,7 @@ def main() -> None:
               "zero_optimization": {"stage": args.stage}}  # gradient_clipping: the Clipper sets it every step
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-2)
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
+    release_deepspeed_shm()  # on the CPU, DeepSpeed never frees its shared-memory buffers itself
     clipper = Clipper("zscore", max_norm=args.max_norm, warmup_steps=5)
     for step in range(1, args.steps + 1):
         x, y = batch(step, size)

@@ -491,3 +491,57 @@ def test_single_process_deepspeed_matches_the_single_process_run(tmp_path, singl
     assert p.returncode == 0, p.stdout + p.stderr
     assert "ZeRO stage 1 in one process" in p.stderr
     assert_same_trajectory(read_jsonl(run / "metrics.jsonl"), read_jsonl(single_runs / "clean/metrics.jsonl"), 1e-5)
+
+
+def _shm_worker() -> dict:
+    import torch.distributed as dist
+
+    from dist_train.deepspeed_shm import own_buffer, release_deepspeed_shm
+
+    os.environ["LOCAL_SIZE"] = os.environ["WORLD_SIZE"]  # as DeepSpeed's launcher exports: all ranks local
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    created = [own_buffer(r).exists() for r in range(world)]
+    released = release_deepspeed_shm()
+    dist.barrier()
+    left = [own_buffer(r).exists() for r in range(world)]
+    t = torch.full((1000,), float(rank + 1))
+    deepspeed.comm.inference_all_reduce(t)  # DeepSpeed's shm all-reduce, through the unlinked buffers
+    return {"created": created, "released": released, "left": left, "sum": t.tolist(),
+            "shm_op": bool(getattr(deepspeed.comm.comm.cdb, "shm_vector_kernel_level", 0))}
+
+
+def test_deepspeeds_shm_buffers_are_released_and_its_shm_all_reduce_still_works():
+    """DeepSpeed's CPU op creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB each)
+    and never unlinks it: each run left its RAM taken. The buffers exist under the name own_buffer gives (a
+    DeepSpeed that renamed them fails here), release_deepspeed_shm unlinks them, and DeepSpeed's shm
+    all-reduce still sums over the unlinked buffers."""
+    for r in spawn(_shm_worker, 2):
+        assert r["created"] == [True, True] and r["released"] and r["left"] == [False, False]
+        assert r["sum"] == [3.0] * 1000 and r["shm_op"]
+
+
+def test_stale_shm_buffers_are_those_no_process_uses(tmp_path, capsys):
+    """`python -m dist_train.deepspeed_shm --remove` removes the buffers no running process maps or holds
+    open, and keeps the others (a running job's) and other files."""
+    from dist_train import deepspeed_shm
+
+    names = [f"{deepspeed_shm.PREFIX}_{os.getuid()}_127.0.0.1_{port}_0" for port in (1001, 1002, 1003)]
+    for name in names + ["other_file"]:
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    import mmap
+
+    with open(tmp_path / names[1], "rb") as held, open(tmp_path / names[2], "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0)
+        f.close()  # only the mapping holds it now
+        try:
+            assert deepspeed_shm.stale(tmp_path) == [tmp_path / names[0]]
+            assert deepspeed_shm.main(["--dir", str(tmp_path)]) == 0
+            assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["other_file"])  # listed only
+            assert deepspeed_shm.main(["--dir", str(tmp_path), "--remove"]) == 0
+            assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:] + ["other_file"])
+        finally:
+            mapped.close()
+    assert deepspeed_shm.stale(tmp_path) == [tmp_path / n for n in names[1:]]  # nobody uses them now
+    out = capsys.readouterr().out
+    assert f"stale {tmp_path / names[0]} (0 MiB)" in out and "1 DeepSpeed shm buffer(s) removed: 0 MiB" in out

@@ -44,6 +44,7 @@ import torch
 
 from dist_train.clip import ClipPolicy, clip_coefficient
 from dist_train.config import ClipConfig, Config, OptimName, Precision, betas
+from dist_train.deepspeed_shm import release_deepspeed_shm
 from dist_train.errors import ConfigError, TrainingError, UsageError
 from dist_train.strategies import env_true
 from dist_train.strategies.base import OptimizerFactory, Strategy, global_norm
@@ -421,6 +422,7 @@ class DeepSpeedStrategy(Strategy):
         one_process_group(self.device)  # one process (no launcher, or one process): DeepSpeed still needs a group
         optimizer = make_optimizer(list(model.parameters()))
         self.engine = engine = self._initialize(model, optimizer)
+        release_deepspeed_shm()  # on the CPU: its shm buffers would outlive the run (dist_train.deepspeed_shm)
         self.clip = EngineClip(engine)
         # The scheduler and the trainer see the torch AdamW: its param_groups are the engine's.
         return engine, optimizer
