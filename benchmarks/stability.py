@@ -736,8 +736,9 @@ def main() -> int:
         pool.terminate()  # every run's result is in by now, or the study failed
         pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
-    for c in grid.done:
+    for c in grid.done:  # the study's temporary folder is gone: its paths say nothing, and would differ per run
         c.pop("spikes_file", None)
+        c["overrides"] = [o.replace(str(tmp), "$TMP") for o in c["overrides"]]
     return report({
         "command": command, "wall_s": time.perf_counter() - t0,
         "settings": {"steps": steps, "jobs": args.jobs, "quick": args.quick, "n_bad": args.n_bad,

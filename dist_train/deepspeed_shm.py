@@ -83,7 +83,13 @@ def stale(shm: Path = SHM) -> list[Path]:
     if not shm.is_dir():
         return []
     uid = os.getuid()
-    mine = [p for p in shm.glob(f"{PREFIX}_*") if p.is_file() and p.stat().st_uid == uid]
+    mine = []
+    for p in shm.glob(f"{PREFIX}_*"):
+        try:
+            if p.is_file() and p.stat().st_uid == uid:
+                mine.append(p)
+        except FileNotFoundError:  # a run released it meanwhile
+            continue
     if not mine:
         return []
     used = _in_use(shm)
@@ -99,7 +105,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dir", type=Path, default=SHM, help="where to look (default: %(default)s)")
     args = p.parse_args(argv)
     found = stale(args.dir)
-    total = 0
+    if args.remove and found:  # asked again just before removing: a run that started meanwhile keeps its own
+        again = set(stale(args.dir))
+        found = [p for p in found if p in again]
+    count = total = 0
     for path in found:
         try:
             size = path.stat().st_size
@@ -107,10 +116,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 path.unlink()
         except FileNotFoundError:  # removed meanwhile
             continue
+        count += 1
         total += size
         print(f"{'removed' if args.remove else 'stale'} {path} ({size / 2**20:.0f} MiB)")
     verb = "removed" if args.remove else "stale, remove with --remove"
-    print(f"{len(found)} DeepSpeed shm buffer(s) {verb}: {total / 2**20:.0f} MiB" if found
+    print(f"{count} DeepSpeed shm buffer(s) {verb}: {total / 2**20:.0f} MiB" if count
           else f"no stale DeepSpeed shm buffers in {args.dir}")
     return 0
 

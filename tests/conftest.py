@@ -113,8 +113,9 @@ def pytest_terminal_summary(terminalreporter):
     """The suite's wall time, last: what CI and a contributor compare (README, Contributing)."""
     if _SHM_LEAKED:
         terminalreporter.write_line(f"FAILED: the suite left {len(_SHM_LEAKED)} DeepSpeed shm buffer(s) that no "
-                                    f"process uses, {', '.join(p.name for p in _SHM_LEAKED)}; a DeepSpeed run "
-                                    "did not call dist_train.release_deepspeed_shm()", red=True)
+                                    f"process uses, {', '.join(p.name for p in _SHM_LEAKED)}: a DeepSpeed run (the "
+                                    "suite's, or another program's on this machine meanwhile) did not call "
+                                    "dist_train.release_deepspeed_shm()", red=True)
     terminalreporter.write_line(f"suite wall time: {time.monotonic() - _SESSION_START:.0f} s")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 from pathlib import Path
 
 import deepspeed
@@ -518,7 +519,9 @@ def test_deepspeeds_shm_buffers_are_released_and_its_shm_all_reduce_still_works(
     all-reduce still sums over the unlinked buffers."""
     for r in spawn(_shm_worker, 2):
         assert r["created"] == [True, True] and r["released"] and r["left"] == [False, False]
-        assert r["sum"] == [3.0] * 1000 and r["shm_op"]
+        assert r["sum"] == [3.0] * 1000
+        if platform.machine() in ("x86_64", "AMD64"):  # the sum went through the shm kernel (its fp32 one needs AVX2)
+            assert r["shm_op"] == (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
 def test_stale_shm_buffers_are_those_no_process_uses(tmp_path, capsys):

@@ -420,12 +420,23 @@ class DeepSpeedStrategy(Strategy):
         from dist_train.distributed import one_process_group
 
         one_process_group(self.device)  # one process (no launcher, or one process): DeepSpeed still needs a group
+        self._start_comm()
+        release_deepspeed_shm()  # on the CPU its shm buffers would outlive the run; before anything can fail
         optimizer = make_optimizer(list(model.parameters()))
         self.engine = engine = self._initialize(model, optimizer)
-        release_deepspeed_shm()  # on the CPU: its shm buffers would outlive the run (dist_train.deepspeed_shm)
         self.clip = EngineClip(engine)
         # The scheduler and the trainer see the torch AdamW: its param_groups are the engine's.
         return engine, optimizer
+
+    def _start_comm(self) -> None:
+        """DeepSpeed's communication backend over the process group, as `deepspeed.initialize` starts it (on
+        the CPU it creates the shm buffers then); starting it first lets the buffers be released before
+        anything else can fail."""
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   dist_init_required=False)
 
     def _initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         import deepspeed
@@ -566,11 +577,15 @@ class AccelerateDeepSpeedStrategy(DeepSpeedStrategy):
         handlers = [InitProcessGroupKwargs(backend=dist.backend)] if dist.backend else []
         plugin = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(self.config))
         self.accelerator = acc = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
+        release_deepspeed_shm()  # Accelerate started DeepSpeed's communication, and with it its shm buffers
         if acc.distributed_type != DistributedType.DEEPSPEED or acc.num_processes != dist.world_size:
             raise ConfigError(
                 f"the Accelerate config asks for DeepSpeed over {dist.world_size} processes, but Accelerate set up "
                 f"{acc.distributed_type.value} over {acc.num_processes}; check the Accelerate config's "
                 "distributed_type and that ACCELERATE_USE_CPU is not set")
+
+    def _start_comm(self) -> None:
+        pass  # the Accelerator started it (above)
 
     def _initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         engine, _ = self.accelerator.prepare(model, optimizer)
