@@ -18,7 +18,7 @@ tests/bin, so the test pays torch's import once; so are the benchmark scripts
 measurements. The launcher tests (test_distributed, test_strategies,
 test_deepspeed, test_robustness, test_slurm) start every launcher's workers as
 fresh interpreters. The stability study's --quick grid is checked here
-(tests/test_stability.check_quick_grid): the suite runs it once.
+(tests/test_stability.check_study): the suite runs it once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import pytest
 
 from tests import forkserver
 from tests.conftest import ROOT, SHIMS
-from tests.test_stability import check_quick_grid
+from tests.test_stability import check_study
 
 FEW_STEPS = "train.max_steps=20"
 #: A command naming one of these is a recipe whose steps matter (which checkpoints exist, which batches are
@@ -174,5 +174,5 @@ def test_every_readme_command_runs_verbatim_in_order(fresh_copy, tmp_path):
     assert (runs / "text" / "vocab.json").is_file()
     # The stability study's --quick grid: every cell, and its table's figures re-computed from its cells.
     (study,) = [line for line in ran if "benchmarks/stability.py" in line]
-    check_quick_grid(fresh_copy / shlex.split(study)[shlex.split(study).index("--out") + 1], outputs[study])
+    check_study(fresh_copy / shlex.split(study)[shlex.split(study).index("--out") + 1], outputs[study])
     assert len(ran) >= 8

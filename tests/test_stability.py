@@ -1,5 +1,6 @@
-"""benchmarks/stability.py: its --quick grid runs and its summaries are the definitions' (check_quick_grid, on
-docs/clipping.md's own --quick command in tests/test_readme.py, so the grid runs once in the suite); the planted
+"""benchmarks/stability.py: its --quick grid runs and its summaries are the definitions' (check_study, on
+docs/clipping.md's own --quick command in tests/test_readme.py, so the grid runs once in the suite, and on the
+committed results); the planted
 bad batches are reproducible; the forensics recipe finds exactly the planted batches and the rerun without them
 equals the clean run.
 
@@ -74,8 +75,8 @@ def area_between(bad: list, clean: list, initial: float, planted: set[int]) -> f
     return sum(cap[0]) - sum(cap[1])
 
 
-def check_quick_grid(out: Path, stdout: str) -> None:
-    """What `benchmarks/stability.py --quick --out OUT` must have written: every run of the three questions,
+def check_study(out: Path, stdout: str) -> None:
+    """What `benchmarks/stability.py [--quick] --out OUT` must have written: every run of the three questions,
     no non-finite weights, and tables whose figures are recomputed here from the runs."""
     assert "FAIL" not in stdout
     text = out.read_text()
@@ -168,6 +169,24 @@ def check_quick_grid(out: Path, stdout: str) -> None:
         assert r[5] == ("yes" if exact else "NO")
         assert sorted(runs["rerun"]["planted_read"]) == sorted(set(planted) - {b - 1 for b in json.loads(r[3])})
         assert (r[6] == "yes, every loss") == (runs["rerun"]["losses"] == runs["clean-skipped"]["losses"])
+
+
+RESULTS = ROOT / "benchmarks/results/stability.md"
+
+
+def test_the_published_results_are_their_runs(tmp_path):
+    """The committed study (benchmarks/results/stability.md, docs/clipping.md's figures): every table recomputed
+    from the runs in its JSON. Negative control: one sensitivity edited in a copy of the report is caught."""
+    check_study(RESULTS, "")
+    copy = tmp_path / RESULTS.name
+    for suffix in (".json", "-lr.png", "-threshold.png", "-bad.png"):
+        copy.with_name(copy.stem + suffix).write_bytes(RESULTS.with_name(RESULTS.stem + suffix).read_bytes())
+    row = md_rows(RESULTS.read_text(), "| workload | policy |")[0]
+    line = "| " + " | ".join(row) + " |"
+    row[2] = f"{float(row[2]) + 0.01:.4f}"
+    copy.write_text(RESULTS.read_text().replace(line, "| " + " | ".join(row) + " |", 1))
+    with pytest.raises(AssertionError):
+        check_study(copy, "")
 
 
 def test_planted_batches_are_reproducible():
